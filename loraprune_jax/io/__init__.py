@@ -1,0 +1,87 @@
+"""Checkpoint I/O: HF safetensors directories, GGUF files, the bundled SmolLM2, tokenizers.
+
+Every loader returns ``(config, base, tokenizer)`` where ``base`` is the plain nested-dict
+base-parameter pytree (Flax ``(in, out)`` kernels, one dict per layer in ``base["layers"]``).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from loraprune_jax.config import LlamaConfig
+from loraprune_jax.io.errors import CheckpointError
+from loraprune_jax.io.gguf import (
+    bundled_gguf_path,
+    default_cache_dir,
+    gguf_config,
+    load_gguf,
+    load_smollm2,
+    permute_qk,
+    smollm2_cache_path,
+    unpermute_qk,
+)
+from loraprune_jax.io.hf import (
+    hf_tensor_specs,
+    load_hf_dir,
+    param_shapes,
+    read_hf_config,
+    save_hf_dir,
+    SafetensorsFile,
+)
+from loraprune_jax.io.tokenizer import load_hf_tokenizer, tokenizer_from_gguf
+
+SMOLLM2_SPECS = ("smollm2", "smollm2-135m", "smollm2-135m-instruct")
+
+
+def load_model(
+    spec: str | os.PathLike[str],
+    dtype: str | None = None,
+) -> tuple[LlamaConfig, dict[str, Any], Any | None]:
+    """Load ``(config, base, tokenizer)`` from a model spec.
+
+    ``"smollm2"``: the bundled SmolLM2-135M-Instruct (cached HF conversion); a directory: a HF
+    checkpoint; a ``.gguf`` file: a LLaMA GGUF. ``dtype`` defaults to the checkpoint's dtype
+    (float32 for GGUF). Anything else raises :class:`CheckpointError`.
+    """
+    text = os.fspath(spec)
+    if isinstance(spec, str) and text.lower() in SMOLLM2_SPECS and not Path(text).exists():
+        return load_smollm2(dtype=dtype or "float32")
+    path = Path(text).expanduser()
+    if path.is_dir():
+        return load_hf_dir(path, dtype=dtype)
+    if path.suffix.lower() == ".gguf":
+        return load_gguf(path, dtype=dtype or "float32")
+    if not path.exists():
+        raise CheckpointError(
+            path,
+            "no such model: give 'smollm2' (bundled SmolLM2-135M-Instruct), a HF checkpoint "
+            "directory, or a .gguf file",
+        )
+    raise CheckpointError(
+        path, "unsupported model file: give a HF checkpoint directory (config.json + safetensors) or a .gguf file"
+    )
+
+
+__all__ = [
+    "CheckpointError",
+    "SafetensorsFile",
+    "SMOLLM2_SPECS",
+    "bundled_gguf_path",
+    "default_cache_dir",
+    "gguf_config",
+    "hf_tensor_specs",
+    "load_gguf",
+    "load_hf_dir",
+    "load_hf_tokenizer",
+    "load_model",
+    "load_smollm2",
+    "param_shapes",
+    "permute_qk",
+    "read_hf_config",
+    "save_hf_dir",
+    "smollm2_cache_path",
+    "tokenizer_from_gguf",
+    "unpermute_qk",
+]

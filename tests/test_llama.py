@@ -1,0 +1,344 @@
+"""The Flax LLaMA: parity with PyTorch transformers, masks, LoRA, GQA, layouts, gradients."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import tiny_config
+from loraprune_jax.config import LoraConfig
+from loraprune_jax.models.llama import (
+    Llama,
+    check_base,
+    forward,
+    init_base,
+    loss,
+    stack_layers,
+    token_nll,
+    unstack_layers,
+)
+from loraprune_jax.models.lora import init_lora
+from loraprune_jax.pruning.groups import init_masks
+
+LORA = LoraConfig(rank=4, alpha=8.0, dropout=0.0)
+
+
+def randomize_b(lora, key=1, std=0.3):
+    """LoRA with non-zero B so the adapters change the output."""
+    leaves, tree = jax.tree.flatten_with_path(lora)
+    keys = jax.random.split(jax.random.PRNGKey(key), len(leaves))
+    out = []
+    for (path, leaf), k in zip(leaves, keys):
+        is_b = path[-1].key == "b"
+        out.append(std * jax.random.normal(k, leaf.shape, leaf.dtype) if is_b else leaf)
+    return jax.tree.unflatten(tree, out)
+
+
+def noisy_norms(base, key=3):
+    """Non-trivial norm weights, so tests exercise them."""
+    layers = []
+    for i, layer in enumerate(base["layers"]):
+        layer = dict(layer)
+        for j, name in enumerate(("attn_norm", "mlp_norm")):
+            k = jax.random.fold_in(jax.random.PRNGKey(key), 2 * i + j)
+            layer[name] = 1.0 + 0.2 * jax.random.normal(k, layer[name].shape)
+        layers.append(layer)
+    return {**base, "layers": layers}
+
+
+def model(kind, tied=True, **kw):
+    cfg = tiny_config(kind, tied, **kw)
+    return cfg, noisy_norms(init_base(cfg, 0, std=0.2))
+
+
+def test_matches_pytorch_transformers(kind, tokens, tmp_path):
+    torch = pytest.importorskip("torch")
+    from transformers import LlamaForCausalLM
+
+    from loraprune_jax.io.hf import save_hf_dir
+
+    for tied in (True, False):
+        cfg, base = model(kind, tied)
+        out = tmp_path / f"{kind}-{tied}"
+        save_hf_dir(out, cfg, base)
+        ref = LlamaForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+        with torch.no_grad():
+            want = ref(torch.tensor(tokens, dtype=torch.long)).logits.numpy()
+        got = np.asarray(forward(base, None, None, tokens, cfg))
+        np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-4)
+
+
+def test_stacked_scan_equals_layer_list(kind, tokens):
+    cfg, base = model(kind)
+    lora = randomize_b(init_lora(jax.random.PRNGKey(0), base, LORA))
+    masks = init_masks(cfg)
+    masks["layers"][1]["attn"] = masks["layers"][1]["attn"].at[0].set(0.0)
+    ref = forward(base, lora, masks, tokens, cfg, LORA)
+    got = forward(stack_layers(base), stack_layers(lora), stack_layers(masks), tokens, cfg, LORA)
+    np.testing.assert_allclose(got, ref, atol=1e-5, rtol=1e-5)
+    back = unstack_layers(stack_layers(base))
+    assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), back, base))
+
+
+def test_all_ones_masks_equal_no_masks(kind, tokens):
+    cfg, base = model(kind)
+    ref = forward(base, None, None, tokens, cfg)
+    got = forward(base, None, init_masks(cfg), tokens, cfg)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(ref))
+
+
+def test_zero_b_lora_equals_base(kind, tokens):
+    cfg, base = model(kind)
+    lora = init_lora(jax.random.PRNGKey(5), base, LORA)
+    assert all(float(jnp.abs(p).max()) > 0 for p in jax.tree.leaves(lora)[0::2])  # A non-zero
+    ref = forward(base, None, None, tokens, cfg)
+    got = forward(base, lora, None, tokens, cfg, LORA)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(ref))
+
+
+def _remove_attention_unit(cfg, base, layer, unit):
+    """Slice one attention unit's q/k/v columns and o rows out of ``base`` by hand."""
+    hd = cfg.head_dim
+    h, kv = cfg.heads(layer), cfg.kv_heads(layer)
+    g = h // kv
+    q_keep = np.array([c for c in range(h * hd) if c // (g * hd) != unit])
+    kv_keep = np.array([c for c in range(kv * hd) if c // hd != unit])
+    layers = [dict(l) for l in base["layers"]]
+    l = layers[layer]
+    l["q"], l["o"] = l["q"][:, q_keep], l["o"][q_keep, :]
+    l["k"], l["v"] = l["k"][:, kv_keep], l["v"][:, kv_keep]
+    heads = [cfg.heads(i) - (g if i == layer else 0) for i in range(cfg.num_layers)]
+    kvs = [cfg.kv_heads(i) - (1 if i == layer else 0) for i in range(cfg.num_layers)]
+    ffn = [cfg.ffn(i) for i in range(cfg.num_layers)]
+    return cfg.with_widths(tuple(heads), tuple(kvs), tuple(ffn)), {**base, "layers": layers}
+
+
+def test_masked_attention_unit_equals_removed_unit(kind, tokens):
+    cfg, base = model(kind)
+    masks = init_masks(cfg)
+    masks["layers"][1]["attn"] = masks["layers"][1]["attn"].at[1].set(0.0)
+    got = forward(base, None, masks, tokens, cfg)
+    small_cfg, small = _remove_attention_unit(cfg, base, 1, 1)
+    assert not small_cfg.is_uniform
+    check_base(small, small_cfg)
+    want = forward(small, None, None, tokens, small_cfg)
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+    # and the mask really changes the output
+    assert float(jnp.abs(got - forward(base, None, None, tokens, cfg)).max()) > 1e-3
+
+
+def test_masked_mlp_channels_equal_removed_channels(kind, tokens):
+    cfg, base = model(kind)
+    drop = np.array([0, 7, 39])
+    keep = np.setdiff1d(np.arange(cfg.intermediate_size), drop)
+    masks = init_masks(cfg)
+    masks["layers"][2]["mlp"] = masks["layers"][2]["mlp"].at[drop].set(0.0)
+    layers = [dict(l) for l in base["layers"]]
+    l = layers[2]
+    l["gate"], l["up"], l["down"] = l["gate"][:, keep], l["up"][:, keep], l["down"][keep, :]
+    ffn = tuple(cfg.ffn(i) - (3 if i == 2 else 0) for i in range(cfg.num_layers))
+    small_cfg = cfg.with_widths((cfg.num_heads,) * 3, (cfg.num_kv_heads,) * 3, ffn)
+    got = forward(base, None, masks, tokens, cfg)
+    want = forward({**base, "layers": layers}, None, None, tokens, small_cfg)
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_fully_pruned_layer_runs_and_equals_skip(tokens):
+    cfg, base = model("gqa")
+    masks = init_masks(cfg)
+    masks["layers"][1] = {"attn": jnp.zeros(2), "mlp": jnp.zeros(40)}
+    got = forward(base, None, masks, tokens, cfg)
+    widths = dict(heads=(6, 0, 6), kv=(2, 0, 2), ffn=(40, 0, 40))
+    small_cfg = cfg.with_widths(widths["heads"], widths["kv"], widths["ffn"])
+    layers = [dict(l) for l in base["layers"]]
+    for name in ("q", "k", "v", "gate", "up"):
+        layers[1][name] = layers[1][name][:, :0]
+    for name in ("o", "down"):
+        layers[1][name] = layers[1][name][:0, :]
+    want = forward({**base, "layers": layers}, None, None, tokens, small_cfg)
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
+def _naive_mha(x, wq, wk, wv, wo, n_heads, hd, theta):
+    """Per-head loop reference for multi-head attention with rotate-half RoPE (numpy, f64)."""
+    t = x.shape[0]
+    inv = 1.0 / theta ** (np.arange(0, hd, 2) / hd)
+    ang = np.arange(t)[:, None] * inv[None, :]
+    cos, sin = np.cos(np.concatenate([ang, ang], -1)), np.sin(np.concatenate([ang, ang], -1))
+
+    def rope(z):
+        z1, z2 = z[:, : hd // 2], z[:, hd // 2 :]
+        return z * cos + np.concatenate([-z2, z1], -1) * sin
+
+    outs = []
+    for h in range(n_heads):
+        sl = slice(h * hd, (h + 1) * hd)
+        q, k, v = rope(x @ wq[:, sl]), rope(x @ wk[:, sl]), x @ wv[:, sl]
+        s = q @ k.T / np.sqrt(hd) + np.triu(np.full((t, t), -np.inf), 1)
+        p = np.exp(s - s.max(-1, keepdims=True))
+        outs.append((p / p.sum(-1, keepdims=True)) @ v)
+    return np.concatenate(outs, -1) @ wo
+
+
+def test_gqa_with_as_many_kv_heads_equals_mha():
+    from loraprune_jax.models.llama import apply_rope, causal_attention, rope_tables
+
+    cfg = tiny_config("gqa", num_kv_heads=6)
+    base = init_base(cfg, 1, std=0.2)
+    layer = base["layers"][0]
+    x = np.random.RandomState(1).randn(9, cfg.hidden_size)
+    want = _naive_mha(x, *(np.asarray(layer[n], np.float64) for n in "qkvo"), 6, 8, cfg.rope_theta)
+    xj = jnp.asarray(x, jnp.float32)[None]
+    cos, sin = rope_tables(jnp.arange(9)[None], 8, cfg.rope_theta)
+    q = apply_rope((xj @ layer["q"]).reshape(1, 9, 6, 8), cos, sin)
+    k = apply_rope((xj @ layer["k"]).reshape(1, 9, 6, 8), cos, sin)
+    v = (xj @ layer["v"]).reshape(1, 9, 6, 8)
+    got = causal_attention(q, k, v) @ layer["o"]
+    np.testing.assert_allclose(np.asarray(got[0]), want, atol=1e-4, rtol=1e-4)
+
+
+def test_gqa_equals_mha_with_repeated_kv_heads(tokens):
+    cfg, base = model("gqa")
+    g = cfg.num_heads // cfg.num_kv_heads
+    hd = cfg.head_dim
+    layers = []
+    for l in base["layers"]:
+        l = dict(l)
+        for n in ("k", "v"):
+            w = l[n].reshape(cfg.hidden_size, cfg.num_kv_heads, 1, hd)
+            l[n] = jnp.broadcast_to(w, (cfg.hidden_size, cfg.num_kv_heads, g, hd)).reshape(
+                cfg.hidden_size, -1
+            )
+        layers.append(l)
+    mha_cfg = dataclasses.replace(cfg, num_kv_heads=cfg.num_heads)
+    got = forward({**base, "layers": layers}, None, None, tokens, mha_cfg)
+    want = forward(base, None, None, tokens, cfg)
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_gradients_flow_to_lora_only(kind, tokens):
+    cfg, base = model(kind)
+    lora = randomize_b(init_lora(jax.random.PRNGKey(0), base, LORA))
+    masks = init_masks(cfg)
+    masks["layers"][0]["attn"] = masks["layers"][0]["attn"].at[0].set(0.0)
+    batch = {"tokens": tokens}
+    grads = jax.jit(jax.grad(loss, argnums=1), static_argnums=(4, 5))(
+        base, lora, masks, batch, cfg, LORA
+    )
+    assert jax.tree.structure(grads) == jax.tree.structure(lora)
+    for path, g in jax.tree.flatten_with_path(grads)[0]:
+        assert float(jnp.abs(g).max()) > 0, path
+    # a masked attention unit gets no gradient through its q/k/v output columns
+    hd, g = cfg.head_dim, cfg.num_heads // cfg.num_kv_heads
+    np.testing.assert_array_equal(np.asarray(grads["layers"][0]["q"]["b"][:, : g * hd]), 0.0)
+    np.testing.assert_array_equal(np.asarray(grads["layers"][0]["v"]["b"][:, :hd]), 0.0)
+
+
+def test_remat_gives_same_loss_and_grads(tokens):
+    cfg, base = model("gqa")
+    lora = randomize_b(init_lora(jax.random.PRNGKey(0), base, LORA))
+    batch = {"tokens": tokens}
+    f = lambda lo, remat: loss(stack_layers(base), lo, None, batch, cfg, LORA, remat=remat)
+    v1, g1 = jax.value_and_grad(f)(stack_layers(lora), False)
+    v2, g2 = jax.value_and_grad(f)(stack_layers(lora), True)
+    np.testing.assert_allclose(v1, v2, rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4), g1, g2)
+
+
+def _dot_operand_shapes(jaxpr):
+    """All (lhs, rhs) operand shapes of dot_general ops, recursing into sub-jaxprs."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            found.append(tuple(tuple(v.aval.shape) for v in eqn.invars))
+        for param in eqn.params.values():
+            subs = param if isinstance(param, (list, tuple)) else [param]
+            for sub in subs:
+                inner = getattr(sub, "jaxpr", None)
+                if inner is not None:
+                    found.extend(_dot_operand_shapes(getattr(inner, "jaxpr", inner)))
+    return found
+
+
+def test_forward_never_forms_merged_weight(tokens):
+    from loraprune_jax.models.lora import merge_lora
+
+    cfg, base = model("gqa")
+    lora = randomize_b(init_lora(jax.random.PRNGKey(0), base, LORA))
+    pair_shapes = {
+        (tuple(p["a"].shape), tuple(p["b"].shape)) for l in lora["layers"] for p in l.values()
+    }
+
+    def forms_merge(fn, *args):
+        dots = _dot_operand_shapes(jax.make_jaxpr(fn)(*args).jaxpr)
+        return any(d in pair_shapes for d in dots)
+
+    for layers_fn in (lambda t: t, stack_layers):
+        b, lo = layers_fn(base), layers_fn(lora)
+        fwd = lambda lo: forward(b, lo, None, tokens, cfg, LORA)
+        assert not forms_merge(fwd, lo)
+        grad = jax.grad(lambda lo: loss(b, lo, None, {"tokens": tokens}, cfg, LORA))
+        assert not forms_merge(grad, lo)
+    # the detector does see a merge when there is one
+    assert forms_merge(lambda lo: merge_lora(base, lo, LORA), lora)
+
+
+def test_lora_dropout_needs_rng_and_is_deterministic(tokens):
+    cfg, base = model("gqa")
+    lc = LoraConfig(rank=4, alpha=8.0, dropout=0.5)
+    lora = randomize_b(init_lora(jax.random.PRNGKey(0), base, lc))
+    plain = forward(base, lora, None, tokens, cfg, lc)
+    k = jax.random.PRNGKey(7)
+    d1 = forward(base, lora, None, tokens, cfg, lc, rng=k)
+    d2 = forward(base, lora, None, tokens, cfg, lc, rng=k)
+    np.testing.assert_array_equal(np.asarray(d1), np.asarray(d2))
+    assert float(jnp.abs(d1 - plain).max()) > 1e-3
+
+
+def test_bfloat16_parameters_close_to_float32(tokens):
+    cfg, base = model("gqa")
+    cfg16 = dataclasses.replace(cfg, dtype="bfloat16")
+    base16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), base)
+    got = forward(base16, None, None, tokens, cfg16)
+    want = forward(base, None, None, tokens, cfg)
+    assert got.dtype == jnp.float32
+    assert float(jnp.abs(got - want).max()) < 0.1 * float(jnp.abs(want).max())
+
+
+def test_token_nll_matches_log_softmax(tokens):
+    cfg, base = model("mha", tied=False)
+    logits = np.asarray(forward(base, None, None, tokens, cfg), np.float64)
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    want = -np.take_along_axis(logp[:, :-1], tokens[:, 1:, None], -1)[..., 0]
+    got = token_nll(base, None, None, tokens, cfg)
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+    mask = np.ones_like(tokens)
+    mask[0, 5:] = 0
+    weighted = loss(base, None, None, {"tokens": tokens, "loss_mask": mask}, cfg)
+    np.testing.assert_allclose(weighted, want[mask[:, 1:] > 0].mean(), rtol=1e-5)
+
+
+def test_nnx_module_round_trip(tokens):
+    cfg, base = model("gqa", tied=False)
+    m = Llama.from_params(cfg, base)
+    np.testing.assert_array_equal(np.asarray(m(tokens)), np.asarray(forward(base, None, None, tokens, cfg)))
+    back = m.params()
+    assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), back, base))
+    fresh = Llama(cfg, rngs=__import__("flax").nnx.Rngs(0))
+    check_base(fresh.params(), cfg)
+
+
+def test_bad_inputs_raise_clearly(tokens):
+    cfg, base = model("gqa")
+    lora = init_lora(jax.random.PRNGKey(0), base, LORA)
+    with pytest.raises(ValueError, match="lora_cfg"):
+        forward(base, lora, None, tokens, cfg)
+    with pytest.raises(ValueError, match="batch, seq"):
+        forward(base, None, None, tokens[0], cfg)
+    with pytest.raises(ValueError, match="layer 0 q"):
+        bad = {**base, "layers": [dict(base["layers"][0], q=base["layers"][0]["k"])] + base["layers"][1:]}
+        check_base(bad, cfg)
