@@ -10,7 +10,8 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-DEMO_SEQ_LENS = (128, 512)
+DEMO_SEQ_LENS = (512,)
+DEMO_MAX_WINDOWS = 32  # per text: a quick look; `eval` without --max-windows reads everything
 
 
 def default_dtype() -> str:
@@ -86,6 +87,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """The main job: the bundled SmolLM2 on the bundled held-out texts."""
     args.model, args.text = "smollm2", None
     args.seq_len = args.seq_len or list(DEMO_SEQ_LENS)
+    if args.max_windows is None:
+        args.max_windows = DEMO_MAX_WINDOWS
+    print(f"demo: the bundled SmolLM2-135M-Instruct on the bundled held-out texts, first "
+          f"{args.max_windows} windows of each (full: loraprune-jax eval --model smollm2)",
+          file=sys.stderr)
     return cmd_eval(args)
 
 
@@ -110,7 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     common(ev)
     ev.set_defaults(func=cmd_eval)
 
-    demo = sub.add_parser("demo", help="evaluate the bundled SmolLM2 on the bundled held-out texts")
+    demo = sub.add_parser("demo", help="evaluate the bundled SmolLM2 on the bundled held-out texts "
+                          f"(default: {DEMO_MAX_WINDOWS} windows of each)")
     demo.add_argument("--seq-len", type=int, nargs="+", default=None,
                       help=f"window length(s) (default: {' '.join(map(str, DEMO_SEQ_LENS))})")
     common(demo)

@@ -1,0 +1,85 @@
+"""The command line: eval on a tiny HF checkpoint with its own tokenizer, JSON output, errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from conftest import tiny_config
+from loraprune_jax.cli import main
+from loraprune_jax.data.packing import tokenize_join
+from loraprune_jax.eval.perplexity import perplexity
+from loraprune_jax.io import load_hf_dir, save_hf_dir
+from loraprune_jax.models.llama import init_base
+
+TEXT = "The quick brown fox jumps over the lazy dog. " * 20
+
+
+def byte_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level BPE with no merges: one token per byte (256 ids)."""
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok)
+
+
+@pytest.fixture
+def model_dir(tmp_path):
+    cfg = tiny_config("gqa", vocab_size=256)
+    path = tmp_path / "model"
+    save_hf_dir(path, cfg, init_base(cfg, 0, std=0.2), byte_tokenizer())
+    return path
+
+
+def test_eval_writes_json_matching_the_library(model_dir, tmp_path, capsys):
+    text = tmp_path / "t.txt"
+    text.write_text(TEXT)
+    out = tmp_path / "res" / "ppl.json"
+    rc = main(["eval", "--model", str(model_dir), "--text", str(text), "--seq-len", "32",
+               "--max-windows", "5", "--json", str(out), "--no-progress"])
+    assert rc == 0
+    got = json.loads(out.read_text())
+    assert set(got) == {"ppl", "tokens"} and got["tokens"] == 5 * 32
+    cfg, base, tok = load_hf_dir(model_dir)
+    ids = tokenize_join(TEXT, tok)
+    assert len(ids) == len(TEXT.encode())  # one token per byte
+    want = perplexity(base, cfg, ids, 32, max_windows=5, progress=False)
+    assert got["ppl"] == pytest.approx(want.ppl, rel=1e-6)
+    assert f"ppl={want.ppl:.4f}" in capsys.readouterr().out
+
+
+def test_eval_several_lengths_writes_nested_json(model_dir, tmp_path):
+    text = tmp_path / "t.jsonl"
+    text.write_text("\n".join(json.dumps({"text": TEXT[:300]}) for _ in range(2)))
+    out = tmp_path / "ppl.json"
+    assert main(["eval", "--model", str(model_dir), "--text", str(text), "--seq-len", "16", "64",
+                 "--json", str(out), "--no-progress"]) == 0
+    got = json.loads(out.read_text())[str(text)]
+    assert set(got) == {"16", "64"}
+    assert got["16"]["tokens"] == (602 // 16) * 16  # two docs joined with "\n\n"
+    assert np.isfinite(got["64"]["ppl"])
+
+
+def test_bad_inputs_exit_with_a_message(tmp_path, capsys):
+    assert main(["eval", "--model", str(tmp_path / "nope"), "--no-progress"]) == 2
+    assert "nope" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="seq-len must be positive"):
+        main(["eval", "--model", "x", "--seq-len", "0"])
+
+
+@pytest.mark.slow
+def test_demo_on_the_bundled_model(smollm2, tmp_path, capsys):
+    out = tmp_path / "demo.json"
+    assert main(["demo", "--seq-len", "128", "--max-windows", "2", "--json", str(out),
+                 "--no-progress"]) == 0
+    got = json.loads(out.read_text())
+    assert set(got) == {"wiki", "lee"}
+    for name in ("wiki", "lee"):
+        assert got[name]["128"]["tokens"] == 256
+        assert 2.0 < got[name]["128"]["ppl"] < 200.0  # a real English model on English text
+    assert "lee\tseq_len=128" in capsys.readouterr().out

@@ -1,0 +1,53 @@
+"""Config dataclasses: validation, per-layer widths, HF round trips, parameter counts."""
+
+from __future__ import annotations
+
+import jax
+import pytest
+
+from conftest import tiny_config
+from loraprune_jax.config import LlamaConfig
+from loraprune_jax.models.llama import init_base
+
+
+def test_hf_round_trip_uniform_and_ragged():
+    cfg = tiny_config("gqa", tied=False)
+    assert LlamaConfig.from_hf_dict(cfg.to_hf_dict()) == cfg
+    ragged = cfg.with_widths((6, 3, 0), (2, 1, 0), (40, 17, 3))
+    d = ragged.to_hf_dict()
+    assert d["layer_num_heads"] == [6, 3, 0]
+    back = LlamaConfig.from_hf_dict(d)
+    assert back == ragged and not back.is_uniform
+    assert [back.heads(i) for i in range(3)] == [6, 3, 0]
+    assert LlamaConfig.from_json(ragged.to_json()) == ragged
+    # widths that agree collapse back to a uniform config
+    same = cfg.with_widths((6,) * 3, (2,) * 3, (40,) * 3)
+    assert same == cfg and same.is_uniform
+
+
+def test_num_params_counts_the_tree():
+    for tied in (True, False):
+        cfg = tiny_config("gqa", tied=tied).with_widths((6, 3, 6), (2, 1, 2), (40, 11, 40))
+        base = init_base(cfg, 0)
+        assert cfg.num_params() == sum(x.size for x in jax.tree.leaves(base))
+
+
+def test_validation_errors():
+    with pytest.raises(ValueError, match="multiple"):
+        tiny_config("gqa", num_kv_heads=4)
+    with pytest.raises(ValueError, match="dtype"):
+        tiny_config("gqa", dtype="int8")
+    with pytest.raises(ValueError, match="entries"):
+        tiny_config("gqa", layer_num_heads=(6, 6))
+    with pytest.raises(ValueError, match="not a LLaMA"):
+        LlamaConfig.from_hf_dict({"model_type": "gpt2"})
+    with pytest.raises(NotImplementedError, match="rope scaling"):
+        LlamaConfig.from_hf_dict({**tiny_config().to_hf_dict(), "rope_scaling": {"rope_type": "yarn"}})
+
+
+def test_hf_defaults():
+    d = {"vocab_size": 10, "hidden_size": 8, "intermediate_size": 4, "num_hidden_layers": 1,
+         "num_attention_heads": 2, "model_type": "llama"}
+    cfg = LlamaConfig.from_hf_dict(d)
+    assert cfg.num_kv_heads == 2 and cfg.head_dim == 4 and cfg.rope_theta == 10000.0
+    assert cfg.rms_norm_eps == 1e-6  # HF LlamaConfig default
