@@ -234,3 +234,71 @@ class LoraConfig:
 
 
 PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+CRITERIA = ("lora", "vanilla", "magnitude", "random", "wanda")
+
+
+@dataclasses.dataclass(frozen=True)
+class PruneConfig:
+    """What to prune, by which criterion, on which schedule (method.md sections 2-4)."""
+
+    ratio: float = 0.5  # final fraction of groups pruned in each pruned layer
+    criterion: str = "lora"
+    power: int = 1  # 1: the authors' code, 2: the paper's formula
+    init_ratio: float = 0.0
+    warmup: float = 0.1  # fraction of steps before the cubic ramp
+    cooldown: float = 0.1  # fraction of steps after it (LoRA fine-tuning with frozen masks)
+    prune_every: int = 10
+    one_shot: bool = False  # a single mask update after `calibration_steps` batches
+    calibration_steps: int = 8
+    allocation: str = "uniform"  # or "global"
+    exclude_first: float = 0.1  # layers with index < int(exclude_first * L) are not pruned
+    exclude_last: bool = True
+    ema_beta: float = 0.9
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.ratio < 1.0:
+            raise ValueError(f"prune ratio must be in [0, 1), got {self.ratio}")
+        if not 0.0 <= self.init_ratio <= self.ratio:
+            raise ValueError(f"init_ratio must be in [0, ratio], got {self.init_ratio}")
+        if self.criterion not in CRITERIA:
+            raise ValueError(f"unknown criterion {self.criterion!r}; choose from {', '.join(CRITERIA)}")
+        if self.power not in (1, 2):
+            raise ValueError(f"power must be 1 or 2, got {self.power}")
+        if self.allocation not in ("uniform", "global"):
+            raise ValueError(f"allocation must be 'uniform' or 'global', got {self.allocation!r}")
+        if not 0.0 <= self.ema_beta < 1.0:
+            raise ValueError(f"ema_beta must be in [0, 1), got {self.ema_beta}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """The LoRA optimisation: batch shape, AdamW with linear decay, clipping, steps."""
+
+    steps: int = 200
+    seq_len: int = 128
+    micro_batch_size: int = 1
+    grad_accum: int = 1  # micro-batches per optimizer step, accumulated inside the compiled step
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    clip_norm: float = 1.0
+    seed: int = 0
+    remat: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "seq_len", "micro_batch_size", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.seq_len < 2:
+            raise ValueError(f"seq_len must be at least 2, got {self.seq_len}")
+        if self.lr <= 0 or self.clip_norm <= 0:
+            raise ValueError("lr and clip_norm must be positive")
+        if not 0 <= self.warmup_steps < self.steps:
+            raise ValueError(f"warmup_steps must be in [0, steps), got {self.warmup_steps}")
+
+    @property
+    def batch_size(self) -> int:
+        """Sequences per optimizer step (global)."""
+        return self.micro_batch_size * self.grad_accum

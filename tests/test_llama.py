@@ -342,3 +342,25 @@ def test_bad_inputs_raise_clearly(tokens):
     with pytest.raises(ValueError, match="layer 0 q"):
         bad = {**base, "layers": [dict(base["layers"][0], q=base["layers"][0]["k"])] + base["layers"][1:]}
         check_base(bad, cfg)
+
+
+def test_input_stats_are_sums_of_squares(tokens):
+    cfg, base = model("gqa")
+    lora = randomize_b(init_lora(jax.random.PRNGKey(0), base, LORA))
+    logits, stats = forward(base, lora, None, tokens, cfg, LORA, return_stats=True)
+    np.testing.assert_array_equal(np.asarray(logits), np.asarray(forward(base, lora, None, tokens, cfg, LORA)))
+    # layer 0: recompute the inputs of q (normed embeddings) by hand
+    from loraprune_jax.models.llama import rms_norm
+
+    x = base["embed"][tokens]
+    h = rms_norm(x, base["layers"][0]["attn_norm"], cfg.rms_norm_eps)
+    np.testing.assert_allclose(stats["layers"][0]["attn_in"], (h * h).sum((0, 1)), rtol=1e-5)
+    shapes = {k: v.shape for k, v in stats["layers"][1].items()}
+    assert shapes == {"attn_in": (48,), "o_in": (48,), "mlp_in": (48,), "down_in": (40,)}
+    _, stacked = forward(stack_layers(base), stack_layers(lora), None, tokens, cfg, LORA, return_stats=True)
+    for i in range(cfg.num_layers):
+        for k in shapes:
+            np.testing.assert_allclose(stacked["layers"][k][i], stats["layers"][i][k], rtol=1e-4)
+    value, aux = loss(base, lora, None, {"tokens": tokens}, cfg, LORA, return_stats=True)
+    assert float(value) == pytest.approx(float(loss(base, lora, None, {"tokens": tokens}, cfg, LORA)))
+    assert len(aux["layers"]) == cfg.num_layers

@@ -85,3 +85,13 @@ __all__ = [
     "tokenizer_from_gguf",
     "unpermute_qk",
 ]
+
+from loraprune_jax.io.export import (  # noqa: E402
+    export_hf,
+    load_adapters,
+    load_adapters_config,
+    needs_remote_code,
+    save_adapters,
+)
+
+__all__ += ["export_hf", "load_adapters", "load_adapters_config", "needs_remote_code", "save_adapters"]

@@ -71,6 +71,12 @@ def causal_attention(q: Array, k: Array, v: Array) -> Array:
 
 
 # ----------------------------------------------------------------------------- one block
+def _sq_sum(x: Array) -> Array:
+    """Sum of squares over all but the last axis, in float32 (input norms for wanda)."""
+    x = x.astype(jnp.float32)
+    return jnp.sum(x * x, axis=tuple(range(x.ndim - 1)))
+
+
 def _block(
     x: Array,
     layer: dict[str, Array],
@@ -82,11 +88,13 @@ def _block(
     scale: float,
     dropout: float,
     key: Array | None,
-) -> Array:
+    collect: bool = False,
+) -> tuple[Array, dict[str, Array]]:
     hd = config.head_dim
     heads = layer["q"].shape[-1] // hd
     kv_heads = layer["k"].shape[-1] // hd
     keys = list(jax.random.split(key, 7)) if key is not None else [None] * 7
+    stats: dict[str, Array] = {}
 
     def proj(name: str, inp: Array, k: Array | None) -> Array:
         pair = adapters.get(name) if adapters else None
@@ -103,14 +111,25 @@ def _block(
         k = apply_rope(k.reshape(b, t, kv_heads, hd), cos, sin)
         attn = causal_attention(q, k, v.reshape(b, t, kv_heads, hd))
         x = x + proj("o", attn, keys[3])
+        if collect:
+            stats["attn_in"], stats["o_in"] = _sq_sum(h), _sq_sum(attn)
+    elif collect:
+        stats["attn_in"] = jnp.zeros((x.shape[-1],), jnp.float32)
+        stats["o_in"] = jnp.zeros((0,), jnp.float32)
     if layer["gate"].shape[-1] > 0:
         h = rms_norm(x, layer["mlp_norm"], config.rms_norm_eps)
         g, u = proj("gate", h, keys[4]), proj("up", h, keys[5])
         if mask is not None:
             m = mask["mlp"].astype(g.dtype)
             g, u = g * m, u * m
-        x = x + proj("down", jax.nn.silu(g) * u, keys[6])
-    return x
+        act = jax.nn.silu(g) * u
+        x = x + proj("down", act, keys[6])
+        if collect:
+            stats["mlp_in"], stats["down_in"] = _sq_sum(h), _sq_sum(act)
+    elif collect:
+        stats["mlp_in"] = jnp.zeros((x.shape[-1],), jnp.float32)
+        stats["down_in"] = jnp.zeros((0,), jnp.float32)
+    return x, stats
 
 
 # ----------------------------------------------------------------------------- pure API
@@ -125,11 +144,15 @@ def forward(
     rng: Array | None = None,
     remat: bool = False,
     return_hidden: bool = False,
-) -> Array:
+    return_stats: bool = False,
+) -> Array | tuple[Array, dict[str, Any]]:
     """Logits ``(B, T, V)`` in float32 of the masked LoRA model on ``tokens`` ``(B, T)``.
 
     ``lora`` and ``masks`` may be ``None``. Dropout on the LoRA path is applied only when ``rng``
     is given. ``remat`` rematerialises each block in the backward pass (less memory).
+    With ``return_stats`` also returns ``{"layers": ...}`` holding, per layer, the sums of squares
+    over all tokens of each projection's input (``attn_in`` for q/k/v, ``o_in``, ``mlp_in`` for
+    gate/up, ``down_in``), laid out like the base layers: what the wanda criterion needs.
     """
     if lora is not None and lora_cfg is None:
         raise ValueError("forward() got a LoRA tree but no lora_cfg (rank/alpha/dropout)")
@@ -147,7 +170,7 @@ def forward(
     mask_layers = masks["layers"] if masks is not None else None
 
     block = functools.partial(
-        _block, cos=cos, sin=sin, config=config, scale=scale, dropout=dropout
+        _block, cos=cos, sin=sin, config=config, scale=scale, dropout=dropout, collect=return_stats
     )
     if remat:
         block = jax.checkpoint(block)
@@ -156,28 +179,29 @@ def forward(
         n = layers["q"].shape[0]
         layer_keys = jax.random.split(rng, n) if rng is not None else None
 
-        def step(h: Array, xs: tuple) -> tuple[Array, None]:
+        def step(h: Array, xs: tuple) -> tuple[Array, dict[str, Array]]:
             layer, adapters, mask, key = xs
-            return block(h, layer, adapters, mask, key=key), None
+            return block(h, layer, adapters, mask, key=key)
 
-        x, _ = jax.lax.scan(step, x, (layers, lora_layers, mask_layers, layer_keys))
+        x, stats = jax.lax.scan(step, x, (layers, lora_layers, mask_layers, layer_keys))
     else:
         n = len(layers)
         if n != config.num_layers:
             raise ValueError(f"base has {n} layers, config says {config.num_layers}")
         layer_keys = jax.random.split(rng, n) if rng is not None else [None] * n
+        stats = []
         for i in range(n):
-            x = block(
+            x, layer_stats = block(
                 x,
                 layers[i],
                 lora_layers[i] if lora_layers is not None else None,
                 mask_layers[i] if mask_layers is not None else None,
                 key=layer_keys[i],
             )
+            stats.append(layer_stats)
     x = rms_norm(x, base["final_norm"], config.rms_norm_eps)
-    if return_hidden:
-        return x
-    return logits_from_hidden(base, x)
+    out = x if return_hidden else logits_from_hidden(base, x)
+    return (out, {"layers": stats}) if return_stats else out
 
 
 def logits_from_hidden(base: dict[str, Any], hidden: Array) -> Array:
@@ -199,14 +223,19 @@ def token_nll(
     *,
     rng: Array | None = None,
     remat: bool = False,
-) -> Array:
-    """Next-token negative log-likelihood ``(B, T-1)`` of ``tokens[:, 1:]``."""
-    logits = forward(base, lora, masks, tokens, config, lora_cfg, rng=rng, remat=remat)
+    return_stats: bool = False,
+) -> Array | tuple[Array, dict[str, Any]]:
+    """Next-token negative log-likelihood ``(B, T-1)`` of ``tokens[:, 1:]`` (and input stats)."""
+    out = forward(
+        base, lora, masks, tokens, config, lora_cfg, rng=rng, remat=remat, return_stats=return_stats
+    )
+    logits, stats = out if return_stats else (out, None)
     logits = logits[:, :-1]
     targets = jnp.asarray(tokens)[:, 1:]
     logz = jax.nn.logsumexp(logits, axis=-1)
     picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    return logz - picked
+    nll = logz - picked
+    return (nll, stats) if return_stats else nll
 
 
 def loss(
@@ -219,19 +248,26 @@ def loss(
     *,
     rng: Array | None = None,
     remat: bool = False,
-) -> Array:
+    return_stats: bool = False,
+) -> Array | tuple[Array, dict[str, Any]]:
     """Mean next-token NLL over ``batch["tokens"]``, weighted by ``batch["loss_mask"]`` if given.
 
     ``loss_mask`` has the shape of ``tokens`` and weights each *target* position (its first
-    column is ignored, since the first token is never predicted).
+    column is ignored, since the first token is never predicted). With ``return_stats`` returns
+    ``(loss, input stats)`` (see :func:`forward`), ready for ``jax.value_and_grad(has_aux=True)``.
     """
     tokens = batch["tokens"]
-    nll = token_nll(base, lora, masks, tokens, config, lora_cfg, rng=rng, remat=remat)
+    out = token_nll(
+        base, lora, masks, tokens, config, lora_cfg, rng=rng, remat=remat, return_stats=return_stats
+    )
+    nll, stats = out if return_stats else (out, None)
     weights = batch.get("loss_mask")
     if weights is None:
-        return jnp.mean(nll)
-    w = jnp.asarray(weights, jnp.float32)[:, 1:]
-    return jnp.sum(nll * w) / jnp.maximum(jnp.sum(w), 1.0)
+        value = jnp.mean(nll)
+    else:
+        w = jnp.asarray(weights, jnp.float32)[:, 1:]
+        value = jnp.sum(nll * w) / jnp.maximum(jnp.sum(w), 1.0)
+    return (value, stats) if return_stats else value
 
 
 # ----------------------------------------------------------------------------- layer layout

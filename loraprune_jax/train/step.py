@@ -1,0 +1,172 @@
+"""The compiled train step: LoRA gradients (accumulated over micro-batches), clipping, AdamW, and
+the group importance with its moving average, all inside one ``jax.jit``.
+
+Only the small group-score vectors and a few scalars leave the step. Masks are an array
+argument, so rewriting them between calls never recompiles.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from ..config import PROJECTIONS, LlamaConfig, LoraConfig, PruneConfig, TrainConfig
+from ..models.llama import loss as model_loss
+from ..pruning.criteria import layer_scores
+from ..pruning.importance import ema_update
+
+Array = jax.Array
+State = dict[str, Any]  # {"lora", "opt_state", "scores", "step"}
+
+
+def make_optimizer(train_cfg: TrainConfig) -> optax.GradientTransformation:
+    """AdamW with linear warm-up then linear decay to zero; clipping happens in the step."""
+    decay_steps = max(train_cfg.steps - train_cfg.warmup_steps, 1)
+    schedule = optax.linear_schedule(train_cfg.lr, 0.0, decay_steps)
+    if train_cfg.warmup_steps:
+        schedule = optax.join_schedules(
+            [optax.linear_schedule(0.0, train_cfg.lr, train_cfg.warmup_steps), schedule],
+            [train_cfg.warmup_steps],
+        )
+    return optax.adamw(schedule, b1=0.9, b2=0.999, eps=1e-8, weight_decay=train_cfg.weight_decay)
+
+
+def zero_scores(masks: dict[str, Any]) -> dict[str, Any]:
+    """EMA scores start at zero, shaped like the masks."""
+    return jax.tree.map(lambda m: jnp.zeros(m.shape, jnp.float32), masks)
+
+
+def init_state(lora: dict[str, Any], masks: dict[str, Any], train_cfg: TrainConfig) -> State:
+    """A fresh train state for ``lora`` (optimizer state, zero scores, step 0)."""
+    return {
+        "lora": lora,
+        "opt_state": make_optimizer(train_cfg).init(lora),
+        "scores": zero_scores(masks),
+        "step": jnp.zeros((), jnp.int32),
+    }
+
+
+def _map_layers(fn: Callable[..., Any], *trees: Any) -> Any:
+    """Apply ``fn`` layer by layer: ``lax.map`` over stacked layers, a loop over a layer list.
+
+    Either way one layer's element scores exist at a time inside the compiled step.
+    """
+    first = trees[0]
+    if isinstance(first, dict):
+        return jax.lax.map(lambda xs: fn(*xs), trees)
+    return [fn(*(t[i] if t is not None else None for t in trees)) for i in range(len(first))]
+
+
+def _projection_weights(base: dict[str, Any]) -> dict[str, Any]:
+    layers = base["layers"]
+    if isinstance(layers, dict):
+        return {name: layers[name] for name in PROJECTIONS}
+    return [{name: layer[name] for name in PROJECTIONS} for layer in layers]
+
+
+def _with_projection_weights(base: dict[str, Any], weights: Any) -> dict[str, Any]:
+    layers = base["layers"]
+    if isinstance(layers, dict):
+        return {**base, "layers": {**layers, **weights}}
+    return {**base, "layers": [{**l, **w} for l, w in zip(layers, weights)]}
+
+
+def make_train_step(
+    config: LlamaConfig,
+    lora_cfg: LoraConfig,
+    train_cfg: TrainConfig,
+    prune_cfg: PruneConfig,
+    *,
+    donate: bool = True,
+    jit: bool = True,
+) -> Callable[..., tuple[State, dict[str, Array]]]:
+    """Build ``step(state, base, masks, batch, key) -> (state, metrics)``.
+
+    ``batch["tokens"]`` is ``(grad_accum, micro_batch, seq_len)`` (``loss_mask`` optional, same
+    shape). The LoRA gradients are averaged over micro-batches, clipped to global norm
+    ``clip_norm``, fed to AdamW, and, with the same clipped gradients, turned into group scores
+    under ``prune_cfg.criterion`` and folded into the EMA (skipped when not finite).
+    ``vanilla`` also differentiates the frozen projection weights (that is its cost);
+    ``wanda`` collects input norms in the forward pass. With ``jit=False`` the function is
+    returned untraced (for inspection); otherwise it is jitted with the state donated.
+    """
+    criterion = prune_cfg.criterion
+    optimizer = make_optimizer(train_cfg)
+    scale = lora_cfg.scale
+    want_stats = criterion == "wanda"
+
+    def loss_fn(lora: Any, weights: Any, base: Any, masks: Any, micro: Any, key: Array):
+        if weights is not None:
+            base = _with_projection_weights(base, weights)
+        out = model_loss(
+            base, lora, masks, micro, config, lora_cfg,
+            rng=key if lora_cfg.dropout > 0 else None,
+            remat=train_cfg.remat, return_stats=want_stats,
+        )
+        return out if want_stats else (out, None)
+
+    argnums = (0, 1) if criterion == "vanilla" else 0
+    grad_fn = jax.value_and_grad(loss_fn, argnums=argnums, has_aux=True)
+
+    def step(state: State, base: Any, masks: Any, batch: dict[str, Array], key: Array):
+        lora = state["lora"]
+        accum = batch["tokens"].shape[0]
+        step_key = jax.random.fold_in(key, state["step"])
+        drop_key, score_key = jax.random.split(step_key)
+        weights = _projection_weights(base) if criterion == "vanilla" else None
+
+        def micro_step(carry, xs):
+            micro, k = xs
+            (value, stats), grads = grad_fn(lora, weights, base, masks, micro, k)
+            total = jax.tree.map(jnp.add, carry, (value, grads, stats))
+            return total, None
+
+        zeros = jax.eval_shape(grad_fn, lora, weights, base, masks,
+                               jax.tree.map(lambda x: x[0], batch), drop_key)
+        init = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (zeros[0][0], zeros[1], zeros[0][1]))
+        (loss_sum, grad_sum, stats_sum), _ = jax.lax.scan(
+            micro_step, init, (batch, jax.random.split(drop_key, accum))
+        )
+        mean = jax.tree.map(lambda g: g / accum, grad_sum)
+        lora_grads, weight_grads = mean if criterion == "vanilla" else (mean, None)
+        grad_norm = optax.tree.norm(lora_grads)
+        clip = jnp.minimum(1.0, train_cfg.clip_norm / (grad_norm + 1e-6))
+        lora_grads = jax.tree.map(lambda g: g * clip, lora_grads)
+        if weight_grads is not None:
+            weight_grads = jax.tree.map(lambda g: g * clip, weight_grads)
+
+        layers = base["layers"]
+        n_layers = len(layers) if isinstance(layers, list) else layers["q"].shape[0]
+        layer_keys = jax.random.split(score_key, n_layers)
+
+        def one_layer(layer, adapters, grads, wgrads, stats, k):
+            n_units = layer["k"].shape[-1] // config.head_dim
+            return layer_scores(
+                criterion, layer, adapters, n_units, scale=scale, power=prune_cfg.power,
+                lora_grads=grads, weight_grads=wgrads, input_stats=stats, key=k,
+            )
+
+        keys = layer_keys if isinstance(layers, dict) else list(layer_keys)
+        new_scores = {"layers": _map_layers(
+            one_layer, layers, lora["layers"], lora_grads["layers"],
+            weight_grads, stats_sum["layers"] if stats_sum is not None else None, keys,
+        )}
+        scores, skipped = ema_update(state["scores"], new_scores, prune_cfg.ema_beta)
+
+        updates, opt_state = optimizer.update(lora_grads, state["opt_state"], lora)
+        new_state = {
+            "lora": optax.apply_updates(lora, updates),
+            "opt_state": opt_state,
+            "scores": scores,
+            "step": state["step"] + 1,
+        }
+        metrics = {"loss": loss_sum / accum, "grad_norm": grad_norm, "score_skipped": skipped}
+        return new_state, metrics
+
+    if not jit:
+        return step
+    return jax.jit(step, donate_argnums=(0,) if donate else ())

@@ -1,0 +1,205 @@
+"""Slice-and-merge: the smaller dense model equals the masked LoRA model, and is really smaller."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import tiny_config
+from loraprune_jax.config import LoraConfig
+from loraprune_jax.models.llama import check_base, forward, init_base, stack_layers
+from loraprune_jax.models.lora import init_lora
+from loraprune_jax.pruning.groups import init_masks
+from loraprune_jax.pruning.slicing import count_params, kept_indices, slice_and_merge
+
+LORA = LoraConfig(rank=4, alpha=8.0, dropout=0.0)
+
+
+def randomize_b(lora, key=1, std=0.3):
+    """LoRA with non-zero B so the adapters change the output."""
+    leaves, tree = jax.tree.flatten_with_path(lora)
+    keys = jax.random.split(jax.random.PRNGKey(key), len(leaves))
+    out = [
+        std * jax.random.normal(k, leaf.shape, leaf.dtype) if path[-1].key == "b" else leaf
+        for (path, leaf), k in zip(leaves, keys)
+    ]
+    return jax.tree.unflatten(tree, out)
+
+
+def noisy_norms(base, key=3):
+    layers = []
+    for i, layer in enumerate(base["layers"]):
+        layer = dict(layer)
+        for j, name in enumerate(("attn_norm", "mlp_norm")):
+            k = jax.random.fold_in(jax.random.PRNGKey(key), 2 * i + j)
+            layer[name] = 1.0 + 0.2 * jax.random.normal(k, layer[name].shape)
+        layers.append(layer)
+    return {**base, "layers": layers}
+
+
+def setup(kind, tied=True, num_layers=5, seed=0):
+    cfg = tiny_config(kind, tied, num_layers=num_layers)
+    base = noisy_norms(init_base(cfg, seed, std=0.2))
+    lora = randomize_b(init_lora(jax.random.PRNGKey(seed), base, LORA), key=seed + 1)
+    return cfg, base, lora
+
+
+def random_masks(cfg, seed=0, p=0.4, pruned_layers=None):
+    """Random 0/1 masks on ``pruned_layers`` (others all ones), each layer keeping >= 1 group."""
+    rs = np.random.RandomState(seed)
+    masks = init_masks(cfg)
+    pruned_layers = range(cfg.num_layers) if pruned_layers is None else pruned_layers
+    for i in pruned_layers:
+        for kind in ("attn", "mlp"):
+            n = masks["layers"][i][kind].shape[0]
+            m = (rs.rand(n) > p).astype(np.float32)
+            m[rs.randint(n)] = 1.0
+            masks["layers"][i][kind] = jnp.asarray(m)
+    return masks
+
+
+def expected_params(cfg, masks):
+    """Parameter count after slicing, by hand from the widths."""
+    d, hd = cfg.hidden_size, cfg.head_dim
+    removed = 0
+    for i, m in enumerate(masks["layers"]):
+        g = cfg.heads(i) // cfg.kv_heads(i)
+        gone_units = int(np.sum(np.asarray(m["attn"]) == 0))
+        gone_ch = int(np.sum(np.asarray(m["mlp"]) == 0))
+        removed += gone_units * (2 * g * hd * d + 2 * hd * d) + gone_ch * 3 * d
+    return removed
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_sliced_equals_masked(kind, tokens, tied):
+    cfg, base, lora = setup(kind, tied)
+    # layers 0 and 4 excluded (all ones), 1..3 pruned at random, 2 loses all attention units,
+    # 3 all MLP channels.
+    masks = random_masks(cfg, seed=7, pruned_layers=[1, 2, 3])
+    masks["layers"][2]["attn"] = jnp.zeros_like(masks["layers"][2]["attn"])
+    masks["layers"][3]["mlp"] = jnp.zeros_like(masks["layers"][3]["mlp"])
+    want = np.asarray(forward(base, lora, masks, tokens, cfg, LORA))
+
+    small, small_cfg = slice_and_merge(base, lora, masks, cfg, LORA)
+    check_base(small, small_cfg)
+    assert not small_cfg.is_uniform
+    assert small_cfg.heads(2) == 0 and small_cfg.kv_heads(2) == 0
+    assert small_cfg.ffn(3) == 0
+    assert small_cfg.heads(0) == cfg.num_heads and small_cfg.ffn(4) == cfg.intermediate_size
+    assert small["layers"][2]["q"].shape == (cfg.hidden_size, 0)
+    assert small["layers"][3]["down"].shape == (0, cfg.hidden_size)
+    got = np.asarray(forward(small, None, None, tokens, small_cfg))
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+    # the pruning and the adapters both matter, so the comparison is not vacuous
+    assert np.abs(want - np.asarray(forward(base, lora, None, tokens, cfg, LORA))).max() > 1e-3
+    assert np.abs(want - np.asarray(forward(base, None, masks, tokens, cfg))).max() > 1e-3
+
+
+def test_param_count_falls_by_removed_amount(kind):
+    cfg, base, lora = setup(kind)
+    masks = random_masks(cfg, seed=3, pruned_layers=[1, 2, 3])
+    masks["layers"][2]["attn"] = jnp.zeros_like(masks["layers"][2]["attn"])
+    small, small_cfg = slice_and_merge(base, lora, masks, cfg, LORA)
+    removed = expected_params(cfg, masks)
+    assert removed > 0
+    assert count_params(base) == cfg.num_params()
+    assert count_params(small) == count_params(base) - removed
+    assert count_params(small) == small_cfg.num_params()
+
+
+def test_stacked_inputs(kind, tokens):
+    cfg, base, lora = setup(kind, num_layers=3)
+    masks = random_masks(cfg, seed=11, pruned_layers=[1])
+    want_small, want_cfg = slice_and_merge(base, lora, masks, cfg, LORA)
+    got_small, got_cfg = slice_and_merge(
+        stack_layers(base), stack_layers(lora), stack_layers(masks), cfg, LORA
+    )
+    assert got_cfg == want_cfg
+    assert isinstance(got_small["layers"], list)
+    for a, b in zip(jax.tree.leaves(got_small), jax.tree.leaves(want_small)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    np.testing.assert_allclose(
+        np.asarray(forward(got_small, None, None, tokens, got_cfg)),
+        np.asarray(forward(stack_layers(base), stack_layers(lora), stack_layers(masks), tokens, cfg, LORA)),
+        atol=1e-4,
+        rtol=1e-4,
+    )
+
+
+def test_uniform_pruning_collapses_config(tokens):
+    cfg, base, lora = setup("gqa", num_layers=3)
+    masks = init_masks(cfg)
+    for layer in masks["layers"]:
+        layer["attn"] = layer["attn"].at[0].set(0.0)
+        layer["mlp"] = layer["mlp"].at[:10].set(0.0)
+    small, small_cfg = slice_and_merge(base, lora, masks, cfg, LORA)
+    assert small_cfg.is_uniform and small_cfg.layer_num_heads is None
+    assert (small_cfg.num_heads, small_cfg.num_kv_heads, small_cfg.intermediate_size) == (3, 1, 30)
+    np.testing.assert_allclose(
+        np.asarray(forward(stack_layers(small), None, None, tokens, small_cfg)),
+        np.asarray(forward(base, lora, masks, tokens, cfg, LORA)),
+        atol=1e-4,
+        rtol=1e-4,
+    )
+
+
+def test_without_lora_and_without_masks(kind, tokens):
+    cfg, base, _ = setup(kind, num_layers=3)
+    masks = random_masks(cfg, seed=5)
+    small, small_cfg = slice_and_merge(base, None, masks, cfg)
+    np.testing.assert_allclose(
+        np.asarray(forward(small, None, None, tokens, small_cfg)),
+        np.asarray(forward(base, None, masks, tokens, cfg)),
+        atol=1e-4,
+        rtol=1e-4,
+    )
+    same, same_cfg = slice_and_merge(base, None, None, cfg)
+    assert same_cfg == cfg
+    for a, b in zip(jax.tree.leaves(same), jax.tree.leaves(base)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_merge_keeps_weight_dtype(tokens):
+    cfg, base, lora = setup("gqa", num_layers=3)
+    base16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), base)
+    small, _ = slice_and_merge(base16, lora, random_masks(cfg), cfg, LORA)
+    assert {x.dtype for x in jax.tree.leaves(small)} == {jnp.dtype(jnp.bfloat16)}
+
+
+def test_kept_indices_gqa():
+    cfg = tiny_config("gqa")  # 6 heads, 2 KV heads, hd 8: unit u owns heads 3u..3u+2
+    masks = init_masks(cfg)
+    masks["layers"][0]["attn"] = jnp.array([0.0, 1.0])
+    masks["layers"][0]["mlp"] = masks["layers"][0]["mlp"].at[jnp.array([1, 5])].set(0.0)
+    ids = kept_indices(masks, cfg)
+    assert ids[0]["units"].tolist() == [1]
+    assert ids[0]["heads"].tolist() == [3, 4, 5]
+    assert ids[0]["q"].tolist() == list(range(24, 48))
+    assert ids[0]["kv"].tolist() == list(range(8, 16))
+    assert 1 not in ids[0]["mlp"] and 5 not in ids[0]["mlp"] and len(ids[0]["mlp"]) == 38
+    assert ids[1]["units"].tolist() == [0, 1] and len(ids[1]["q"]) == 48
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        lambda m: m.at[0].set(0.5),
+        lambda m: m.at[0].set(jnp.nan),
+        lambda m: m.at[0].set(2.0),
+        lambda m: m[:-1],
+    ],
+)
+def test_bad_masks_raise(bad):
+    cfg, base, lora = setup("gqa", num_layers=3)
+    masks = init_masks(cfg)
+    masks["layers"][1]["mlp"] = bad(masks["layers"][1]["mlp"])
+    with pytest.raises(ValueError, match="masks layer 1 'mlp'"):
+        slice_and_merge(base, lora, masks, cfg, LORA)
+
+
+def test_lora_without_config_raises():
+    cfg, base, lora = setup("gqa", num_layers=3)
+    with pytest.raises(ValueError, match="lora_cfg"):
+        slice_and_merge(base, lora, None, cfg)

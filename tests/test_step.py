@@ -1,0 +1,140 @@
+"""The compiled train step: gradients, accumulation, clipping, importance inside, no recompiles."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from conftest import tiny_config
+from loraprune_jax.config import LoraConfig, PruneConfig, TrainConfig
+from loraprune_jax.models.llama import init_base, loss, stack_layers
+from loraprune_jax.models.lora import init_lora
+from loraprune_jax.pruning.criteria import layer_scores
+from loraprune_jax.pruning.groups import init_masks
+from loraprune_jax.pruning.importance import lora_layer_scores
+from loraprune_jax.train.step import init_state, make_train_step
+
+LC = LoraConfig(rank=4, alpha=8.0, dropout=0.0)
+
+
+def setup(kind="gqa", stacked=False, accum=2, micro=2, clip=1.0, seq=16, seed=0):
+    cfg = tiny_config(kind)
+    base = init_base(cfg, 0, std=0.2)
+    lora = init_lora(jax.random.PRNGKey(seed), base, LC)
+    lora = jax.tree.map(lambda x: x + 0.05, lora)  # non-zero B: all gradients non-trivial
+    if stacked:
+        base, lora = stack_layers(base), stack_layers(lora)
+    masks = init_masks(cfg, stacked=stacked)
+    tc = TrainConfig(steps=10, micro_batch_size=micro, grad_accum=accum, seq_len=seq, clip_norm=clip)
+    tokens = np.random.RandomState(seed).randint(0, cfg.vocab_size, (accum, micro, seq)).astype(np.int32)
+    return cfg, base, lora, masks, tc, {"tokens": tokens}
+
+
+def mean_grads(base, lora, masks, batch, cfg):
+    gs = [jax.grad(loss, argnums=1)(base, lora, masks, {"tokens": t}, cfg, LC) for t in batch["tokens"]]
+    return jax.tree.map(lambda *g: sum(g) / len(g), *gs)
+
+
+@pytest.mark.parametrize("stacked", [False, True])
+def test_lora_scores_match_direct_computation(stacked):
+    cfg, base, lora, masks, tc, batch = setup(stacked=stacked, clip=0.01)
+    step = make_train_step(cfg, LC, tc, PruneConfig(criterion="lora"), donate=False)
+    state, metrics = step(init_state(lora, masks, tc), base, masks, batch, jax.random.PRNGKey(0))
+    grads = mean_grads(base, lora, masks, batch, cfg)
+    norm = optax.tree.norm(grads)
+    np.testing.assert_allclose(metrics["grad_norm"], norm, rtol=1e-4)
+    assert float(norm) > 0.01  # clipping is active
+    grads = jax.tree.map(lambda g: g * (0.01 / (norm + 1e-6)), grads)
+    for i in range(cfg.num_layers):
+        pick = (lambda t: jax.tree.map(lambda x: x[i], t)) if stacked else (lambda t: t[i])
+        layer, adapters, g = pick(base["layers"]), pick(lora["layers"]), pick(grads["layers"])
+        want = lora_layer_scores(layer, adapters, g, LC.scale, cfg.num_kv_heads)
+        got = pick(state["scores"]["layers"])
+        np.testing.assert_allclose(got["attn"], 0.1 * want["attn"], rtol=2e-4)
+        np.testing.assert_allclose(got["mlp"], 0.1 * want["mlp"], rtol=2e-4)
+    want_loss = np.mean([loss(base, lora, masks, {"tokens": t}, cfg, LC) for t in batch["tokens"]])
+    np.testing.assert_allclose(metrics["loss"], want_loss, rtol=1e-5)
+
+
+def test_vanilla_uses_true_weight_gradients():
+    cfg, base, lora, masks, tc, batch = setup(kind="mha")
+    step = make_train_step(cfg, LC, tc, PruneConfig(criterion="vanilla"), donate=False)
+    state, _ = step(init_state(lora, masks, tc), base, masks, batch, jax.random.PRNGKey(0))
+    gs = [jax.grad(loss)(base, lora, masks, {"tokens": t}, cfg, LC) for t in batch["tokens"]]
+    wgrads = jax.tree.map(lambda *g: sum(g) / len(g), *gs)
+    lgrads = mean_grads(base, lora, masks, batch, cfg)
+    clip = min(1.0, 1.0 / (float(optax.tree.norm(lgrads)) + 1e-6))
+    for i in (0, 2):
+        want = layer_scores("vanilla", base["layers"][i], lora["layers"][i], cfg.num_kv_heads,
+                            scale=LC.scale, weight_grads=jax.tree.map(lambda g: g * clip, wgrads["layers"][i]))
+        np.testing.assert_allclose(state["scores"]["layers"][i]["attn"], 0.1 * want["attn"], rtol=2e-4)
+        np.testing.assert_allclose(state["scores"]["layers"][i]["mlp"], 0.1 * want["mlp"], rtol=2e-4)
+
+
+def test_accumulation_equals_one_big_batch():
+    cfg, base, lora, masks, tc2, batch = setup(accum=2, micro=1)
+    tc1 = TrainConfig(steps=10, micro_batch_size=2, grad_accum=1, seq_len=16)
+    big = {"tokens": batch["tokens"].reshape(1, 2, 16)}
+    s2, m2 = make_train_step(cfg, LC, tc2, PruneConfig(), donate=False)(
+        init_state(lora, masks, tc2), base, masks, batch, jax.random.PRNGKey(0))
+    s1, m1 = make_train_step(cfg, LC, tc1, PruneConfig(), donate=False)(
+        init_state(lora, masks, tc1), base, masks, big, jax.random.PRNGKey(0))
+    np.testing.assert_allclose(m1["loss"], m2["loss"], rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), s1["lora"], s2["lora"])
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), s1["scores"], s2["scores"])
+
+
+def test_mask_rewrites_never_recompile():
+    cfg, base, lora, masks, tc, batch = setup(stacked=True)
+    step = make_train_step(cfg, LC, tc, PruneConfig(), donate=True)
+    state = init_state(lora, masks, tc)
+    rng = np.random.RandomState(0)
+    losses = []
+    for i in range(6):
+        masks = jax.tree.map(lambda m: jnp.asarray((rng.rand(*m.shape) > 0.3).astype(np.float32)), masks)
+        state, metrics = step(state, base, masks, batch, jax.random.PRNGKey(i))
+        losses.append(float(metrics["loss"]))
+    assert step._cache_size() == 1
+    assert len(set(losses)) == 6  # the masks did change the computation
+    assert int(state["step"]) == 6
+
+
+def test_training_lowers_the_loss_and_scores_accumulate():
+    cfg, base, lora, masks, _, batch = setup(stacked=True)
+    tc = TrainConfig(steps=30, micro_batch_size=2, grad_accum=2, seq_len=16, lr=1e-2)
+    step = make_train_step(cfg, LC, tc, PruneConfig(), donate=True)
+    state = init_state(lora, masks, tc)
+    first = None
+    for i in range(15):
+        state, m = step(state, base, masks, batch, jax.random.PRNGKey(0))
+        first = first if first is not None else float(m["loss"])
+    assert float(m["loss"]) < 0.7 * first
+    assert float(jnp.min(state["scores"]["layers"]["attn"])) > 0
+
+
+def test_non_finite_scores_are_skipped():
+    cfg, base, lora, masks, tc, batch = setup()
+    base = {**base, "final_norm": base["final_norm"] * jnp.nan}
+    step = make_train_step(cfg, LC, tc, PruneConfig(), donate=False)
+    state = init_state(lora, masks, tc)
+    state = {**state, "scores": jax.tree.map(lambda s: s + 1.0, state["scores"])}
+    new, metrics = step(state, base, masks, batch, jax.random.PRNGKey(0))
+    assert bool(metrics["score_skipped"])
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), new["scores"], state["scores"])
+
+
+@pytest.mark.parametrize("criterion", ["magnitude", "random", "wanda"])
+def test_other_criteria_give_group_scores(criterion):
+    cfg, base, lora, masks, tc, batch = setup(stacked=True)
+    step = make_train_step(cfg, LC, tc, PruneConfig(criterion=criterion), donate=False)
+    state, _ = step(init_state(lora, masks, tc), base, masks, batch, jax.random.PRNGKey(0))
+    s = state["scores"]["layers"]
+    assert s["attn"].shape == (3, 2) and s["mlp"].shape == (3, 40)
+    assert bool(jnp.all(s["attn"] > 0)) and bool(jnp.all(jnp.isfinite(s["mlp"])))
+    if criterion == "magnitude":  # independent of the batch
+        other = {"tokens": batch["tokens"][:, :, ::-1].copy()}
+        s2, _ = step(init_state(lora, masks, tc), base, masks, other, jax.random.PRNGKey(0))
+        np.testing.assert_allclose(s2["scores"]["layers"]["mlp"], s["mlp"], rtol=1e-6)
