@@ -1,4 +1,4 @@
-"""The ``loraprune-jax`` command line: ``eval`` (perplexity) and ``demo`` (the main job)."""
+"""The ``loraprune-jax`` command line: ``prune``, ``eval`` (perplexity) and ``demo`` (the main job)."""
 
 from __future__ import annotations
 
@@ -10,19 +10,11 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-DEMO_SEQ_LENS = (512,)
-DEMO_MAX_WINDOWS = 32  # per text: a quick look; `eval` without --max-windows reads everything
-
-
-def default_dtype() -> str:
-    """float32 on CPU (bf16 matmuls are slower there under XLA), bfloat16 on GPU/TPU."""
-    import jax
-
-    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
 
 
 def _load(model: str, dtype: str | None) -> tuple[Any, Any, Any, float]:
     from .io import load_model
+    from .train.loop import default_dtype
 
     start = time.perf_counter()
     config, base, tokenizer = load_model(model, dtype=dtype or default_dtype())
@@ -83,16 +75,88 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
+    """``key=value`` pairs, values parsed as YAML scalars/lists (``0.2``, ``true``, ``[q, v]``)."""
+    import yaml
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"expected key=value, got {item!r}")
+        out[key.strip()] = yaml.safe_load(value) if value.strip() else ""
+    return out
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested YAML mapping -> dotted keys."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[prefix + str(key)] = value
+    return out
+
+
+def build_run_config(config_file: str | None, overrides: Sequence[str]) -> Any:
+    """RunConfig from defaults, then a YAML file, then ``key=value`` overrides."""
+    import yaml
+
+    from .config import RunConfig
+
+    updates: dict[str, Any] = {}
+    if config_file:
+        with open(config_file, encoding="utf-8") as f:
+            loaded = yaml.safe_load(f) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{config_file}: expected a mapping of config keys")
+        updates.update(flatten(loaded))
+    updates.update(parse_overrides(overrides))
+    cfg = RunConfig().override(updates)
+    if not cfg.out:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        name = Path(str(cfg.model)).name or "model"
+        cfg = cfg.override({"out": f"runs/{name}-{cfg.prune.criterion}-{cfg.prune.ratio:g}-{stamp}"})
+    return cfg
+
+
+def print_summary(metrics: dict[str, Any], out: str) -> None:
+    """A short human summary of a finished run."""
+    print(f"\npruned {metrics['model']} with criterion {metrics['criterion']} to ratio "
+          f"{metrics['ratio']:g} in {metrics['steps']} steps")
+    print(f"parameters: {metrics['params_before'] / 1e6:.1f}M -> {metrics['params_after'] / 1e6:.1f}M "
+          f"({100 * metrics['params_kept_fraction']:.1f}% kept)")
+    for spec, before in metrics["ppl_before"].items():
+        print(f"perplexity {spec} (L={metrics['eval']['seq_len']}): {before:.2f} -> "
+              f"{metrics['ppl_after'][spec]:.2f}")
+    layers = metrics["layers"]
+    print("heads per layer:   " + " ".join(map(str, layers["heads"])))
+    print("FFN per layer:     " + " ".join(map(str, layers["ffn"])))
+    print(f"output: {out}/ (model/, adapters/, metrics.json, training.png)")
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    """LoRAPrune end to end (``--resume DIR`` continues an interrupted run)."""
+    from .config import RunConfig
+    from .train.loop import run_prune
+
+    if args.resume:
+        if args.overrides or args.config:
+            raise ValueError("--resume takes the run's saved config; give no overrides")
+        cfg = RunConfig(out=args.resume)
+    else:
+        cfg = build_run_config(args.config, args.overrides)
+    metrics = run_prune(cfg, resume=bool(args.resume), progress=not args.no_progress,
+                        log=lambda m: print(m, file=sys.stderr))
+    print_summary(metrics, cfg.out)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
-    """The main job: the bundled SmolLM2 on the bundled held-out texts."""
-    args.model, args.text = "smollm2", None
-    args.seq_len = args.seq_len or list(DEMO_SEQ_LENS)
-    if args.max_windows is None:
-        args.max_windows = DEMO_MAX_WINDOWS
-    print(f"demo: the bundled SmolLM2-135M-Instruct on the bundled held-out texts, first "
-          f"{args.max_windows} windows of each (full: loraprune-jax eval --model smollm2)",
-          file=sys.stderr)
-    return cmd_eval(args)
+    """The main job: prune the bundled SmolLM2 on the bundled Wikipedia text with defaults."""
+    args.config, args.resume = None, None
+    return cmd_prune(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -116,11 +180,17 @@ def build_parser() -> argparse.ArgumentParser:
     common(ev)
     ev.set_defaults(func=cmd_eval)
 
-    demo = sub.add_parser("demo", help="evaluate the bundled SmolLM2 on the bundled held-out texts "
-                          f"(default: {DEMO_MAX_WINDOWS} windows of each)")
-    demo.add_argument("--seq-len", type=int, nargs="+", default=None,
-                      help=f"window length(s) (default: {' '.join(map(str, DEMO_SEQ_LENS))})")
-    common(demo)
+    pr = sub.add_parser("prune", help="LoRAPrune a model (key=value overrides, see RunConfig)")
+    pr.add_argument("overrides", nargs="*", metavar="key=value",
+                    help="e.g. prune.ratio=0.2 prune.criterion=vanilla train.steps=100 out=DIR")
+    pr.add_argument("--config", default=None, help="a YAML file of config keys (nested or dotted)")
+    pr.add_argument("--resume", default=None, metavar="DIR", help="continue an interrupted run")
+    pr.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
+    pr.set_defaults(func=cmd_prune)
+
+    demo = sub.add_parser("demo", help="the main job: prune the bundled SmolLM2 on bundled text")
+    demo.add_argument("overrides", nargs="*", metavar="key=value", help="as for prune")
+    demo.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
     demo.set_defaults(func=cmd_demo)
     return parser
 

@@ -302,3 +302,106 @@ class TrainConfig:
     def batch_size(self) -> int:
         """Sequences per optimizer step (global)."""
         return self.micro_batch_size * self.grad_accum
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """One pruning run: model, data, evaluation, output, and the LoRA / pruning / training parts.
+
+    Serialised as JSON next to every checkpoint and export; the CLI overrides fields with
+    ``key=value`` (``prune.ratio=0.2``, ``train.steps=100``, ``lora.rank=4``) or a YAML file.
+    """
+
+    model: str = "smollm2"
+    data: str = "wiki:train"  # training texts (loraprune_jax.data.load_texts spec)
+    eval_texts: tuple[str, ...] = ("wiki:heldout", "lee")
+    eval_seq_len: int = 128
+    eval_max_windows: int | None = 64  # per text; None: every window
+    out: str = ""  # output directory (must not exist); empty: runs/<model>-<criterion>-<ratio>-<time>
+    dtype: str | None = None  # None: float32 on CPU, bfloat16 on GPU/TPU
+    checkpoint_every: int = 50
+    log_every: int = 10
+    lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
+    prune: PruneConfig = dataclasses.field(default_factory=PruneConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "eval_texts", tuple(self.eval_texts))
+        if self.dtype is not None and self.dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        if self.eval_seq_len < 2:
+            raise ValueError(f"eval_seq_len must be at least 2, got {self.eval_seq_len}")
+        if self.eval_max_windows is not None and self.eval_max_windows < 1:
+            raise ValueError(f"eval_max_windows must be positive, got {self.eval_max_windows}")
+        if self.checkpoint_every < 1 or self.log_every < 1:
+            raise ValueError("checkpoint_every and log_every must be at least 1")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunConfig:
+        return _build(cls, data, "")
+
+    def override(self, updates: dict[str, Any]) -> RunConfig:
+        """A copy with dotted-key updates applied (``{"prune.ratio": 0.2}``)."""
+        data = self.to_dict()
+        for key, value in updates.items():
+            node, parts = data, key.split(".")
+            for part in parts[:-1]:
+                if not isinstance(node.get(part), dict):
+                    raise ValueError(f"unknown config key {key!r}")
+                node = node[part]
+            if parts[-1] not in node:
+                raise ValueError(f"unknown config key {key!r}; known: {', '.join(_known_keys(self))}")
+            node[parts[-1]] = value
+        return RunConfig.from_dict(data)
+
+
+def _known_keys(cfg: Any, prefix: str = "") -> list[str]:
+    keys = []
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            keys += _known_keys(value, f"{prefix}{f.name}.")
+        else:
+            keys.append(prefix + f.name)
+    return keys
+
+
+def _coerce(value: Any, current: Any, where: str) -> Any:
+    """Give a parsed override the type of the field's current value."""
+    if value is None or current is None:
+        return value
+    if isinstance(current, bool):
+        if not isinstance(value, bool):
+            raise ValueError(f"{where} must be true or false, got {value!r}")
+        return value
+    if isinstance(current, float) and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(current, int) and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(current, tuple):
+        items = value if isinstance(value, (list, tuple)) else [value]
+        return tuple(items)
+    if isinstance(current, str) and isinstance(value, str):
+        return value
+    raise ValueError(f"{where} expects {type(current).__name__}, got {value!r}")
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ValueError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {data!r}")
+    default = cls()
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(data) - set(fields)
+    if unknown:
+        raise ValueError(f"unknown config key(s) {', '.join(prefix + k for k in sorted(unknown))}")
+    kwargs = {}
+    for name, value in data.items():
+        current = getattr(default, name)
+        if dataclasses.is_dataclass(current):
+            kwargs[name] = _build(type(current), value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(value, current, prefix + name)
+    return cls(**kwargs)

@@ -43,8 +43,11 @@ def lora_guided_importance(
 
     ``power=1`` is the authors' code, ``power=2`` the paper's formula.
     """
-    g = estimate_weight_grad(a, b, grad_a, grad_b)
-    merged = w.astype(jnp.float32) + scale * (a.astype(jnp.float32) @ b.astype(jnp.float32))
+    a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+    ga, gb = grad_a.astype(jnp.float32), grad_b.astype(jnp.float32)
+    # estimate_weight_grad as one rank-2r product, a @ gb + ga @ (b - gb): fewer (in, out) passes
+    g = jnp.concatenate([a, ga], axis=1) @ jnp.concatenate([gb, b - gb], axis=0)
+    merged = w.astype(jnp.float32) + (scale * a) @ b
     s = jnp.abs(g * merged)
     return s if power == 1 else s**power
 

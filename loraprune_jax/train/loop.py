@@ -1,0 +1,261 @@
+"""A whole LoRAPrune run: load, evaluate, train with progressive masks, checkpoint, slice, export.
+
+Compiled phases run :func:`make_train_step`; mask rewrites happen between steps on small
+vectors (never recompiling). Everything a run needs to continue lives in its orbax checkpoints
+(LoRA, optimizer state, masks, scores, step, data position, history, config), so a killed run
+resumed with ``resume=True`` ends exactly where the uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from ..config import RunConfig
+from ..data import load_texts
+from ..data.packing import PackedDataset, tokenize_join, windows
+from ..eval.perplexity import perplexity
+from ..io import export_hf, load_model, save_adapters
+from ..models.llama import stack_layers
+from ..models.lora import init_lora
+from ..pruning.groups import init_masks
+from ..pruning.masks import excluded_layers, mask_stats, masked_widths, update_masks
+from ..pruning.schedule import OneShotSchedule, PruneSchedule
+from ..pruning.slicing import count_params, slice_and_merge
+from .checkpoint import RunCheckpointer
+from .step import init_state, make_train_step
+
+RUN_CONFIG_FILE = "run_config.json"
+METRICS_FILE = "metrics.json"
+
+
+def default_dtype() -> str:
+    """float32 on CPU (bfloat16 matmuls are slower there under XLA), bfloat16 on GPU/TPU."""
+    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+
+
+def write_json(path: Path, payload: Any) -> None:
+    """Write JSON atomically (temp file renamed into place)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def make_schedule(cfg: RunConfig) -> PruneSchedule | OneShotSchedule:
+    """The mask schedule of a run (cubic by default, one-shot on request)."""
+    p, steps = cfg.prune, cfg.train.steps
+    if p.one_shot:
+        return PruneSchedule.one_shot(p.ratio, p.calibration_steps, steps)
+    return PruneSchedule(steps, p.ratio, p.init_ratio, p.warmup, p.cooldown, p.prune_every)
+
+
+class PreparedRun:
+    """Everything loaded and validated before the output directory is created."""
+
+    def __init__(self, cfg: RunConfig, log: Callable[[str], None]) -> None:
+        self.cfg = cfg
+        t0 = time.perf_counter()
+        self.config, base, self.tokenizer = load_model(cfg.model, dtype=cfg.dtype or default_dtype())
+        if self.tokenizer is None:
+            raise ValueError(f"model {cfg.model} has no tokenizer files; cannot tokenize the data")
+        log(f"loaded {cfg.model}: {self.config.num_params() / 1e6:.1f}M parameters "
+            f"({self.config.dtype}) in {time.perf_counter() - t0:.1f}s")
+        self.base = stack_layers(base) if self.config.is_uniform else base
+        self.schedule = make_schedule(cfg)  # validates steps/calibration before anything runs
+        t = cfg.train
+        self.dataset = PackedDataset.from_texts(
+            load_texts(cfg.data), self.tokenizer, t.seq_len, eos_id=self.config.eos_token_id
+        )
+        need = t.batch_size * jax.process_count()
+        if len(self.dataset) < need:
+            raise ValueError(
+                f"training data {cfg.data!r} gives {len(self.dataset)} sequences of {t.seq_len} "
+                f"tokens, fewer than one batch of {need}"
+            )
+        self.eval_windows = {}
+        for spec in cfg.eval_texts:
+            ids = tokenize_join(list(load_texts(spec, split="heldout")), self.tokenizer)
+            if len(ids) < cfg.eval_seq_len:
+                raise ValueError(
+                    f"evaluation text {spec!r} has {len(ids)} tokens, fewer than one window of "
+                    f"{cfg.eval_seq_len}"
+                )
+            self.eval_windows[spec] = windows(ids, cfg.eval_seq_len, cfg.eval_max_windows)
+        self.excluded = excluded_layers(
+            self.config.num_layers, cfg.prune.exclude_first, cfg.prune.exclude_last
+        )
+
+    def evaluate(self, base: Any, config: Any, progress: bool, tag: str) -> dict[str, Any]:
+        out = {}
+        for spec, win in self.eval_windows.items():
+            res = perplexity(base, config, win.reshape(-1), self.cfg.eval_seq_len,
+                             progress=progress, desc=f"ppl {tag} {spec}")
+            out[spec] = {"ppl": res.ppl, "tokens": res.tokens,
+                         "tokens_per_second": res.tokens_per_second}
+        return out
+
+
+def run_prune(
+    cfg: RunConfig,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+    stop_after: int | None = None,
+) -> dict[str, Any]:
+    """Run LoRAPrune end to end and return the metrics written to ``out/metrics.json``.
+
+    Everything is validated (model, data, config, output directory) before ``cfg.out`` is
+    created, so bad input leaves nothing behind. ``resume`` continues a run directory from its
+    latest checkpoint (``cfg`` is then read from the directory). ``stop_after`` ends the run
+    after that many steps without finishing (tests of interruption).
+    """
+    start_time = time.perf_counter()
+    out = Path(cfg.out)
+    if resume:
+        saved = out / RUN_CONFIG_FILE
+        if not saved.is_file():
+            raise FileNotFoundError(f"{out} is not a run directory (no {RUN_CONFIG_FILE}) to resume")
+        cfg = RunConfig.from_dict(json.loads(saved.read_text()))
+        if (out / METRICS_FILE).exists():
+            raise FileExistsError(f"run {out} is already complete ({METRICS_FILE} exists)")
+    elif out.exists():
+        raise FileExistsError(f"output directory {out} already exists; choose another out=")
+    run = PreparedRun(cfg, log)
+    config, base, t = run.config, run.base, cfg.train
+    stacked = isinstance(base["layers"], dict)
+    lora = init_lora(jax.random.PRNGKey(t.seed), base, cfg.lora)
+    masks = init_masks(config, stacked=stacked)
+    state = init_state(lora, masks, t)
+    step_fn = make_train_step(config, cfg.lora, t, cfg.prune)
+    key = jax.random.PRNGKey(t.seed + 1)
+
+    out.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        write_json(out / RUN_CONFIG_FILE, cfg.to_dict())
+    ckpt = RunCheckpointer(out / "checkpoints", max_to_keep=2)
+    history: list[dict[str, Any]] = []
+    start = ckpt.latest_step() if resume else None
+    if start is not None:
+        restored, meta = ckpt.restore(start, target={"state": state, "masks": masks})
+        state, masks = restored["state"], restored["masks"]
+        history, before = meta["history"], meta["before"]
+        log(f"resumed {out} at step {start}")
+    else:
+        start = 0
+        before = run.evaluate(base, config, progress, "before")
+        for spec, r in before.items():
+            log(f"before: {spec} ppl {r['ppl']:.3f}")
+
+    batches = run.dataset.iterate(t.batch_size, t.seed, start_step=start)
+    bar = tqdm(total=t.steps, initial=start, desc=f"prune {cfg.prune.criterion}",
+               unit="step", disable=not progress)
+    train_start = time.perf_counter()
+    step = start
+    for step_idx, batch in batches:
+        if step_idx >= t.steps or (stop_after is not None and step_idx >= stop_after):
+            break
+        tokens = batch["tokens"].reshape(t.grad_accum, t.micro_batch_size, t.seq_len)
+        state, metrics = step_fn(state, base, masks, {"tokens": jnp.asarray(tokens)}, key)
+        step = step_idx + 1
+        ratio = None
+        if run.schedule.is_update_step(step):
+            ratio = run.schedule.ratio_at(step)
+            masks = update_masks(masks, state["scores"], ratio, excluded=run.excluded,
+                                 allocation=cfg.prune.allocation)
+        loss = float(metrics["loss"])
+        if bool(metrics["score_skipped"]):
+            log(f"step {step}: non-finite importance scores; moving average not updated")
+        stats = mask_stats(masks)
+        record = {"step": step, "loss": loss, "grad_norm": float(metrics["grad_norm"]),
+                  "attn_kept": stats["attn_kept_fraction"], "mlp_kept": stats["mlp_kept_fraction"],
+                  "target_ratio": run.schedule.ratio_at(step)}
+        history.append(record)
+        bar.set_postfix(loss=f"{loss:.3f}", ratio=f"{record['target_ratio']:.2f}")
+        bar.update(1)
+        if step % cfg.log_every == 0 and not progress:
+            log(f"step {step}/{t.steps} loss {loss:.4f} ratio {record['target_ratio']:.3f}")
+        if step % cfg.checkpoint_every == 0 or step == t.steps:
+            ckpt.save(step, {"state": state, "masks": masks},
+                      {"history": history, "before": before, "data_position": step,
+                       "run_config": cfg.to_dict()})
+    bar.close()
+    ckpt.wait()
+    ckpt.close()
+    train_seconds = time.perf_counter() - train_start
+    if step < t.steps:
+        return {"stopped_at": step}
+
+    lora = state["lora"]
+    small, small_cfg = slice_and_merge(base, lora, masks, config, cfg.lora)
+    after = run.evaluate(small, small_cfg, progress, "after")
+    for spec, r in after.items():
+        log(f"after: {spec} ppl {r['ppl']:.3f} (before {before[spec]['ppl']:.3f})")
+    export_hf(out / "model", small_cfg, small, run.tokenizer)
+    save_adapters(out / "adapters", lora, masks, cfg.lora, config)
+    heads, kv_heads, ffn = masked_widths(config, masks)
+    stats = mask_stats(masks)
+    params_before = count_params(base)
+    params_after = count_params(small)
+    metrics_out = {
+        "model": cfg.model,
+        "criterion": cfg.prune.criterion,
+        "ratio": cfg.prune.ratio,
+        "steps": t.steps,
+        "ppl_before": {k: v["ppl"] for k, v in before.items()},
+        "ppl_after": {k: v["ppl"] for k, v in after.items()},
+        "eval": {"seq_len": cfg.eval_seq_len, "before": before, "after": after},
+        "params_before": params_before,
+        "params_after": params_after,
+        "params_kept_fraction": params_after / params_before,
+        "layers": {
+            "heads": list(heads), "kv_heads": list(kv_heads), "ffn": list(ffn),
+            "excluded": list(run.excluded),
+            "attn_units_kept": stats["attn_kept"], "mlp_channels_kept": stats["mlp_kept"],
+        },
+        "final_loss": history[-1]["loss"] if history else math.nan,
+        "train_seconds_this_session": train_seconds,
+        "run_seconds_this_session": time.perf_counter() - start_time,
+        "history": history,
+    }
+    plot_history(history, out / "training.png", f"{cfg.model} {cfg.prune.criterion} {cfg.prune.ratio}")
+    write_json(out / METRICS_FILE, metrics_out)  # last: its presence marks a complete run
+    return metrics_out
+
+
+def plot_history(history: list[dict[str, Any]], path: Path, title: str) -> None:
+    """Loss and pruned fraction against steps, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [h["step"] for h in history]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(steps, [h["loss"] for h in history], color="tab:blue", lw=1)
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss", color="tab:blue")
+    ax2 = ax.twinx()
+    ax2.plot(steps, [h["target_ratio"] for h in history], color="tab:red", lw=1, label="target ratio")
+    ax2.plot(steps, [1 - h["attn_kept"] for h in history], color="tab:orange", lw=1, ls="--",
+             label="attention units pruned (all layers)")
+    ax2.plot(steps, [1 - h["mlp_kept"] for h in history], color="tab:green", lw=1, ls=":",
+             label="MLP channels pruned (all layers)")
+    ax2.set_ylabel("pruned fraction")
+    ax2.set_ylim(0, 1)
+    ax2.legend(loc="center right", fontsize=8)
+    ax.set_title(title)
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
