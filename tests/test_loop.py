@@ -1,0 +1,143 @@
+"""A whole pruning run on a tiny model: exact ratios, export, metrics, one-shot, kill and resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from loraprune_jax.cli import main
+from loraprune_jax.config import RunConfig
+from loraprune_jax.data.packing import tokenize_join, windows
+from loraprune_jax.eval.perplexity import perplexity
+from loraprune_jax.io import load_adapters, load_hf_dir
+from loraprune_jax.train.loop import run_prune
+
+
+def tiny_overrides(root: Path, out: Path, **extra) -> list[str]:
+    opts = {
+        "model": root / "model", "data": root / "train.txt", "eval_texts": f"[{root / 'eval.txt'}]",
+        "out": out, "train.steps": 20, "train.seq_len": 32, "train.micro_batch_size": 2,
+        "eval_seq_len": 32, "eval_max_windows": 6, "checkpoint_every": 5,
+        "prune.prune_every": 4, "lora.rank": 2, "lora.dropout": 0.05,
+    }
+    opts.update(extra)
+    return [f"{k}={v}" for k, v in opts.items()]
+
+
+def config_for(root: Path, out: Path, **extra) -> RunConfig:
+    from loraprune_jax.cli import build_run_config
+
+    return build_run_config(None, tiny_overrides(root, out, **extra))
+
+
+def test_run_reaches_the_ratio_and_exports(tiny_run_inputs, tmp_path):
+    root = tiny_run_inputs
+    out = tmp_path / "run"
+    m = run_prune(config_for(root, out), progress=False, log=lambda s: None)
+    # 4 layers: layer 3 (the last) is excluded, int(0.1 * 4) = 0 first layers
+    assert m["layers"]["excluded"] == [3]
+    assert m["layers"]["attn_units_kept"] == [1, 1, 1, 2]  # floor(2 * 0.5) = 1 unit pruned
+    assert m["layers"]["mlp_channels_kept"] == [16, 16, 16, 32]
+    assert m["layers"]["heads"] == [3, 3, 3, 6]
+    assert m["params_after"] < m["params_before"]
+    assert len(m["history"]) == 20 and m["history"][-1]["target_ratio"] == 0.5
+    # the exported model is the pruned model: its perplexity is the reported one
+    cfg, base, tok = load_hf_dir(out / "model")
+    assert cfg.layer_num_heads == (3, 3, 3, 6)
+    win = windows(tokenize_join([(root / "eval.txt").read_text()], tok), 32, 6)
+    res = perplexity(base, cfg, win.reshape(-1), 32, progress=False)
+    spec = str(root / "eval.txt")
+    assert res.ppl == pytest.approx(m["ppl_after"][spec], rel=1e-5)
+    lora, masks, lora_cfg = load_adapters(out / "adapters")
+    assert lora_cfg.rank == 2
+    kept = np.asarray(masks["layers"]["attn"]).sum(axis=1).tolist()
+    assert kept == [1, 1, 1, 2]
+    on_disk = json.loads((out / "metrics.json").read_text())
+    assert on_disk["ppl_after"] == m["ppl_after"]
+    assert (out / "training.png").stat().st_size > 1000
+    assert json.loads((out / "run_config.json").read_text())["train"]["steps"] == 20
+
+
+def test_one_shot_updates_masks_once(tiny_run_inputs, tmp_path):
+    cfg = config_for(tiny_run_inputs, tmp_path / "one", **{
+        "prune.one_shot": "true", "prune.calibration_steps": 3, "prune.criterion": "wanda"})
+    m = run_prune(cfg, progress=False, log=lambda s: None)
+    kept = [h["mlp_kept"] for h in m["history"]]
+    assert kept[:2] == [1.0, 1.0] and len(set(kept[2:])) == 1 and kept[2] < 1.0
+    assert m["layers"]["mlp_channels_kept"] == [16, 16, 16, 32]
+
+
+def test_global_allocation_keeps_the_total(tiny_run_inputs, tmp_path):
+    cfg = config_for(tiny_run_inputs, tmp_path / "glob", **{"prune.allocation": "global",
+                                                             "prune.criterion": "magnitude"})
+    m = run_prune(cfg, progress=False, log=lambda s: None)
+    assert sum(m["layers"]["mlp_channels_kept"][:3]) == 48  # 96 prunable channels, half kept
+    assert min(m["layers"]["mlp_channels_kept"]) >= 1
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"prune.ratio": 1.0}, "ratio must be in [0, 1)"),
+    ({"prune.criterion": "fisher"}, "unknown criterion"),
+    ({"model": "/nonexistent/model"}, "no such model"),
+    ({"train.micro_batch_size": 4000}, "fewer than one batch"),
+    ({"train.steps": "many"}, "expects int"),
+])
+def test_bad_input_exits_2_and_leaves_nothing(tiny_run_inputs, tmp_path, capsys, bad, message):
+    out = tmp_path / "bad"
+    assert main(["prune", *tiny_overrides(tiny_run_inputs, out, **bad), "--no-progress"]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # one line says what is wrong
+    assert last.startswith("error: ") and message in last
+    assert not out.exists()
+
+
+def test_existing_output_directory_is_refused(tiny_run_inputs, tmp_path, capsys):
+    out = tmp_path / "exists"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert main(["prune", *tiny_overrides(tiny_run_inputs, out), "--no-progress"]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert os.listdir(out) == ["keep.txt"]
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_same_result(tiny_run_inputs, tmp_path):
+    root = tiny_run_inputs
+    args = dict(**{"train.steps": 40, "checkpoint_every": 5})
+    ref = run_prune(config_for(root, tmp_path / "ref", **args), progress=False, log=lambda s: None)
+
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "loraprune_jax.cli", "prune",
+           *tiny_overrides(root, out, **args), "--no-progress"]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    try:
+        while not (out / "checkpoints" / "10").is_dir():
+            assert proc.poll() is None, "the run ended before it could be killed"
+            assert time.time() < deadline, "no checkpoint appeared"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not (out / "metrics.json").exists() and not (out / "model").exists()
+    assert main(["prune", "--resume", str(out), "--no-progress"]) == 0
+    got = json.loads((out / "metrics.json").read_text())
+    assert got["ppl_after"] == ref["ppl_after"]
+    assert got["layers"] == ref["layers"]
+    assert [h["loss"] for h in got["history"]] == [h["loss"] for h in ref["history"]]
+    _, m1, _ = load_adapters(out / "adapters")
+    _, m2, _ = load_adapters(tmp_path / "ref" / "adapters")
+    np.testing.assert_array_equal(np.asarray(m1["layers"]["mlp"]), np.asarray(m2["layers"]["mlp"]))
+    l1, _, _ = load_adapters(out / "adapters")
+    l2, _, _ = load_adapters(tmp_path / "ref" / "adapters")
+    np.testing.assert_array_equal(np.asarray(l1["layers"]["q"]["b"]), np.asarray(l2["layers"]["q"]["b"]))
