@@ -316,7 +316,7 @@ class RunConfig:
     data: str = "wiki:train"  # training texts (loraprune_jax.data.load_texts spec)
     eval_texts: tuple[str, ...] = ("wiki:heldout", "lee")
     eval_seq_len: int = 128
-    eval_max_windows: int | None = 64  # per text; None: every window
+    eval_max_windows: int | None = 64  # per text, evenly spaced; None: every window
     out: str = ""  # output directory (must not exist); empty: runs/<model>-<criterion>-<ratio>-<time>
     dtype: str | None = None  # None: float32 on CPU, bfloat16 on GPU/TPU
     checkpoint_every: int = 50

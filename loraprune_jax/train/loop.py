@@ -58,6 +58,16 @@ def make_schedule(cfg: RunConfig) -> PruneSchedule | OneShotSchedule:
     return PruneSchedule(steps, p.ratio, p.init_ratio, p.warmup, p.cooldown, p.prune_every)
 
 
+def spread_windows(ids: np.ndarray, seq_len: int, max_windows: int | None) -> np.ndarray:
+    """Non-overlapping windows; when capped, ``max_windows`` of them evenly spaced over the text
+    (the first ones alone can all fall in one untypical document, such as a list article)."""
+    all_windows = windows(ids, seq_len)
+    n = all_windows.shape[0]
+    if max_windows is None or max_windows >= n:
+        return all_windows
+    return all_windows[np.linspace(0, n - 1, max_windows).round().astype(int)]
+
+
 class PreparedRun:
     """Everything loaded and validated before the output directory is created."""
 
@@ -89,7 +99,7 @@ class PreparedRun:
                     f"evaluation text {spec!r} has {len(ids)} tokens, fewer than one window of "
                     f"{cfg.eval_seq_len}"
                 )
-            self.eval_windows[spec] = windows(ids, cfg.eval_seq_len, cfg.eval_max_windows)
+            self.eval_windows[spec] = spread_windows(ids, cfg.eval_seq_len, cfg.eval_max_windows)
         self.excluded = excluded_layers(
             self.config.num_layers, cfg.prune.exclude_first, cfg.prune.exclude_last
         )
