@@ -61,13 +61,37 @@ def test_bad_inputs_exit_with_a_message(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_demo_on_the_bundled_model(smollm2, tmp_path, capsys):
-    out = tmp_path / "demo.json"
-    assert main(["demo", "--seq-len", "128", "--max-windows", "2", "--json", str(out),
-                 "--no-progress"]) == 0
-    got = json.loads(out.read_text())
-    assert set(got) == {"wiki", "lee"}
-    for name in ("wiki", "lee"):
-        assert got[name]["128"]["tokens"] == 256
-        assert 2.0 < got[name]["128"]["ppl"] < 200.0  # a real English model on English text
-    assert "lee\tseq_len=128" in capsys.readouterr().out
+def test_demo_prunes_the_bundled_model(smollm2, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["demo", "train.steps=6", "prune.prune_every=2", "eval_max_windows=2",
+                 f"out={out}", "--no-progress"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    # 30 layers: 0-2 and 29 excluded; elsewhere 1 of 3 KV groups (3 query heads) and half the FFN go
+    assert m["layers"]["excluded"] == [0, 1, 2, 29]
+    assert m["layers"]["heads"] == [9, 9, 9] + [6] * 26 + [9]
+    assert m["layers"]["kv_heads"] == [3, 3, 3] + [2] * 26 + [3]
+    assert m["layers"]["ffn"] == [1536] * 3 + [768] * 26 + [1536]
+    assert m["params_before"] == 134_515_008
+    d, hd = 576, 64
+    removed = 26 * (2 * d * 3 * hd + 2 * d * hd + 3 * d * 768)  # q+o of 3 heads, k+v of 1, 768 channels
+    assert m["params_before"] - m["params_after"] == removed
+    for spec in ("wiki:heldout", "lee"):
+        assert 2.0 < m["ppl_before"][spec] < 200.0
+    summary = capsys.readouterr().out
+    assert "parameters: 134.5M -> 92.3M" in summary
+
+
+def test_run_config_from_yaml_then_overrides(tmp_path):
+    from loraprune_jax.cli import build_run_config
+
+    path = tmp_path / "run.yaml"
+    path.write_text("prune:\n  ratio: 0.2\n  criterion: wanda\ntrain.steps: 7\nlora: {rank: 4, targets: [q, v]}\n")
+    cfg = build_run_config(str(path), ["prune.ratio=0.3", "out=x"])
+    assert (cfg.prune.ratio, cfg.prune.criterion, cfg.train.steps) == (0.3, "wanda", 7)
+    assert cfg.lora.rank == 4 and cfg.lora.targets == ("q", "v") and cfg.out == "x"
+    auto = build_run_config(None, ["prune.criterion=random"])
+    assert auto.out.startswith("runs/smollm2-random-0.5-")
+    with pytest.raises(ValueError, match="key=value"):
+        build_run_config(None, ["prune.ratio"])
+    with pytest.raises(ValueError, match="unknown config key"):
+        build_run_config(None, ["prune.rate=0.1"])

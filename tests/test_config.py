@@ -51,3 +51,18 @@ def test_hf_defaults():
     cfg = LlamaConfig.from_hf_dict(d)
     assert cfg.num_kv_heads == 2 and cfg.head_dim == 4 and cfg.rope_theta == 10000.0
     assert cfg.rms_norm_eps == 1e-6  # HF LlamaConfig default
+
+
+def test_run_config_round_trip_and_overrides():
+    from loraprune_jax.config import RunConfig
+
+    cfg = RunConfig().override({"prune.ratio": 0.2, "train.steps": 5, "lora.targets": ["q", "v"],
+                                "eval_max_windows": None, "lora.alpha": 32})
+    assert cfg.prune.ratio == 0.2 and cfg.train.steps == 5 and cfg.lora.targets == ("q", "v")
+    assert cfg.eval_max_windows is None and cfg.lora.alpha == 32.0 and cfg.lora.scale == 4.0
+    assert RunConfig.from_dict(cfg.to_dict()) == cfg
+    for bad, msg in [({"prune.ratio": 1.0}, "ratio"), ({"prune.criterion": "x"}, "criterion"),
+                     ({"foo": 1}, "unknown config key"), ({"train.steps": "a"}, "expects int"),
+                     ({"prune.exclude_last": 3}, "true or false"), ({"train.seq_len": 1}, "seq_len")]:
+        with pytest.raises(ValueError, match=msg):
+            RunConfig().override(bad)
