@@ -36,6 +36,29 @@ def tiny_config(kind: str = "gqa", tied: bool = True, **kw) -> LlamaConfig:
     return LlamaConfig(**base)
 
 
+def randomize_b(lora, key=1, std=0.3):
+    """LoRA with non-zero B so the adapters change the output."""
+    leaves, tree = jax.tree.flatten_with_path(lora)
+    keys = jax.random.split(jax.random.PRNGKey(key), len(leaves))
+    out = [
+        std * jax.random.normal(k, leaf.shape, leaf.dtype) if path[-1].key == "b" else leaf
+        for (path, leaf), k in zip(leaves, keys)
+    ]
+    return jax.tree.unflatten(tree, out)
+
+
+def noisy_norms(base, key=3):
+    """Non-trivial RMSNorm weights, so tests exercise them."""
+    layers = []
+    for i, layer in enumerate(base["layers"]):
+        layer = dict(layer)
+        for j, name in enumerate(("attn_norm", "mlp_norm")):
+            k = jax.random.fold_in(jax.random.PRNGKey(key), 2 * i + j)
+            layer[name] = 1.0 + 0.2 * jax.random.normal(k, layer[name].shape)
+        layers.append(layer)
+    return {**base, "layers": layers}
+
+
 @pytest.fixture(params=["mha", "gqa"])
 def kind(request) -> str:
     return request.param

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import tiny_config
+from conftest import noisy_norms, randomize_b, tiny_config
 from loraprune_jax.config import LoraConfig
 from loraprune_jax.io import export as export_mod
 from loraprune_jax.io import hf
@@ -33,27 +33,6 @@ tokenizers = pytest.importorskip("tokenizers")
 
 LORA = LoraConfig(rank=4, alpha=8.0, dropout=0.0)
 REMOTE_FILES = {"configuration_pruned_llama.py", "modeling_pruned_llama.py"}
-
-
-def randomize_b(lora, key=1, std=0.3):
-    leaves, tree = jax.tree.flatten_with_path(lora)
-    keys = jax.random.split(jax.random.PRNGKey(key), len(leaves))
-    out = [
-        std * jax.random.normal(k, leaf.shape, leaf.dtype) if path[-1].key == "b" else leaf
-        for (path, leaf), k in zip(leaves, keys)
-    ]
-    return jax.tree.unflatten(tree, out)
-
-
-def noisy_norms(base, key=3):
-    layers = []
-    for i, layer in enumerate(base["layers"]):
-        layer = dict(layer)
-        for j, name in enumerate(("attn_norm", "mlp_norm")):
-            k = jax.random.fold_in(jax.random.PRNGKey(key), 2 * i + j)
-            layer[name] = 1.0 + 0.2 * jax.random.normal(k, layer[name].shape)
-        layers.append(layer)
-    return {**base, "layers": layers}
 
 
 def tiny_tokenizer():

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import tiny_config
+from conftest import noisy_norms, randomize_b, tiny_config
 from loraprune_jax.config import LoraConfig
 from loraprune_jax.models.llama import (
     Llama,
@@ -25,29 +25,6 @@ from loraprune_jax.models.lora import init_lora
 from loraprune_jax.pruning.groups import init_masks
 
 LORA = LoraConfig(rank=4, alpha=8.0, dropout=0.0)
-
-
-def randomize_b(lora, key=1, std=0.3):
-    """LoRA with non-zero B so the adapters change the output."""
-    leaves, tree = jax.tree.flatten_with_path(lora)
-    keys = jax.random.split(jax.random.PRNGKey(key), len(leaves))
-    out = []
-    for (path, leaf), k in zip(leaves, keys):
-        is_b = path[-1].key == "b"
-        out.append(std * jax.random.normal(k, leaf.shape, leaf.dtype) if is_b else leaf)
-    return jax.tree.unflatten(tree, out)
-
-
-def noisy_norms(base, key=3):
-    """Non-trivial norm weights, so tests exercise them."""
-    layers = []
-    for i, layer in enumerate(base["layers"]):
-        layer = dict(layer)
-        for j, name in enumerate(("attn_norm", "mlp_norm")):
-            k = jax.random.fold_in(jax.random.PRNGKey(key), 2 * i + j)
-            layer[name] = 1.0 + 0.2 * jax.random.normal(k, layer[name].shape)
-        layers.append(layer)
-    return {**base, "layers": layers}
 
 
 def model(kind, tied=True, **kw):
