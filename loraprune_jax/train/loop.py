@@ -120,14 +120,13 @@ def run_prune(
     resume: bool = False,
     progress: bool = True,
     log: Callable[[str], None] = print,
-    stop_after: int | None = None,
 ) -> dict[str, Any]:
     """Run LoRAPrune end to end and return the metrics written to ``out/metrics.json``.
 
     Everything is validated (model, data, config, output directory) before ``cfg.out`` is
     created, so bad input leaves nothing behind. ``resume`` continues a run directory from its
-    latest checkpoint (``cfg`` is then read from the directory). ``stop_after`` ends the run
-    after that many steps without finishing (tests of interruption).
+    latest checkpoint (``cfg`` is then read from the directory), including a run killed while
+    exporting.
     """
     start_time = time.perf_counter()
     out = Path(cfg.out)
@@ -172,16 +171,14 @@ def run_prune(
     train_start = time.perf_counter()
     step = start
     for step_idx, batch in batches:
-        if step_idx >= t.steps or (stop_after is not None and step_idx >= stop_after):
+        if step_idx >= t.steps:
             break
         tokens = batch["tokens"].reshape(t.grad_accum, t.micro_batch_size, t.seq_len)
         state, metrics = step_fn(state, base, masks, {"tokens": jnp.asarray(tokens)}, key)
         step = step_idx + 1
-        ratio = None
         if run.schedule.is_update_step(step):
-            ratio = run.schedule.ratio_at(step)
-            masks = update_masks(masks, state["scores"], ratio, excluded=run.excluded,
-                                 allocation=cfg.prune.allocation)
+            masks = update_masks(masks, state["scores"], run.schedule.ratio_at(step),
+                                 excluded=run.excluded, allocation=cfg.prune.allocation)
         loss = float(metrics["loss"])
         if bool(metrics["score_skipped"]):
             log(f"step {step}: non-finite importance scores; moving average not updated")
@@ -202,16 +199,14 @@ def run_prune(
     ckpt.wait()
     ckpt.close()
     train_seconds = time.perf_counter() - train_start
-    if step < t.steps:
-        return {"stopped_at": step}
 
     lora = state["lora"]
     small, small_cfg = slice_and_merge(base, lora, masks, config, cfg.lora)
     after = run.evaluate(small, small_cfg, progress, "after")
     for spec, r in after.items():
         log(f"after: {spec} ppl {r['ppl']:.3f} (before {before[spec]['ppl']:.3f})")
-    export_hf(out / "model", small_cfg, small, run.tokenizer)
-    save_adapters(out / "adapters", lora, masks, cfg.lora, config)
+    export_hf(out / "model", small_cfg, small, run.tokenizer, overwrite=resume)
+    save_adapters(out / "adapters", lora, masks, cfg.lora, config, overwrite=resume)
     heads, kv_heads, ffn = masked_widths(config, masks)
     stats = mask_stats(masks)
     params_before = count_params(base)
