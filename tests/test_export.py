@@ -285,3 +285,15 @@ def test_load_adapters_errors(tmp_path):
     (tmp_path / "adapters.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="corrupt"):
         load_adapters(tmp_path)
+
+
+def test_pruned_export_tokenizer_loads_without_asking_to_trust_code(tmp_path, monkeypatch):
+    cfg = tiny_config("gqa").with_widths((6, 3, 6), (2, 1, 2), (40, 20, 40))
+    out = export_hf(tmp_path / "pruned", cfg, init_base(cfg, 0), tiny_tokenizer())
+
+    def no_prompt(*args, **kwargs):
+        raise AssertionError("asked the user whether to trust remote code")
+
+    monkeypatch.setattr("builtins.input", no_prompt)
+    _, _, tok = load_hf_dir(out)
+    assert tok is not None and tok("hello world")["input_ids"] == [3, 4]

@@ -173,13 +173,20 @@ def has_hf_tokenizer(path: str | os.PathLike[str]) -> bool:
 
 
 def load_hf_tokenizer(path: str | os.PathLike[str]) -> Any | None:
-    """``AutoTokenizer.from_pretrained(path)`` for a local directory, or None without tokenizer files.
+    """The tokenizer of a local HF directory, or None without tokenizer files.
 
-    Local files only: a checkpoint directory must be self-contained (no network at load time).
+    A ``tokenizer.json`` is loaded as a fast tokenizer directly, without resolving the model
+    type: a pruned export's ``config.json`` names remote modeling code, which a tokenizer does
+    not need (``AutoTokenizer`` would ask to trust it). Otherwise ``AutoTokenizer``. Local files
+    only: a checkpoint directory must be self-contained (no network at load time).
     """
     if not has_hf_tokenizer(path):
         return None
     try:
+        if (Path(path) / "tokenizer.json").is_file():
+            return transformers.PreTrainedTokenizerFast.from_pretrained(
+                os.fspath(path), local_files_only=True
+            )
         return transformers.AutoTokenizer.from_pretrained(os.fspath(path), local_files_only=True)
     except Exception as e:
         raise CheckpointError(path, f"could not load the tokenizer: {e}") from e
