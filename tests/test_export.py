@@ -292,8 +292,9 @@ def test_pruned_export_tokenizer_loads_without_asking_to_trust_code(tmp_path, mo
     out = export_hf(tmp_path / "pruned", cfg, init_base(cfg, 0), tiny_tokenizer())
 
     def no_prompt(*args, **kwargs):
-        raise AssertionError("asked the user whether to trust remote code")
+        raise AssertionError("asked whether to trust remote code")
 
-    monkeypatch.setattr("builtins.input", no_prompt)
+    for module in ("tokenization_auto", "configuration_auto"):
+        monkeypatch.setattr(f"transformers.models.auto.{module}.resolve_trust_remote_code", no_prompt)
     _, _, tok = load_hf_dir(out)
     assert tok is not None and tok("hello world")["input_ids"] == [3, 4]
