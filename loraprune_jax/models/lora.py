@@ -70,6 +70,14 @@ def lora_linear(
     return y + (scale * ((xd @ pair["a"].astype(x.dtype)) @ pair["b"].astype(x.dtype))).astype(y.dtype)
 
 
+def merge_pair(w: Array, pair: dict[str, Array] | None, scale: float) -> Array:
+    """``W + scale * A @ B`` computed in float32 and cast back to ``W``'s dtype."""
+    if pair is None:
+        return w
+    delta = jnp.matmul(jnp.asarray(pair["a"], jnp.float32), jnp.asarray(pair["b"], jnp.float32))
+    return (jnp.asarray(w, jnp.float32) + scale * delta).astype(w.dtype)
+
+
 def merge_lora(base: dict[str, Any], lora: dict[str, Any] | None, lora_cfg: LoraConfig) -> dict[str, Any]:
     """A new base tree with ``W + scale * A @ B`` folded in (for export and fast inference)."""
     if lora is None:
@@ -77,12 +85,7 @@ def merge_lora(base: dict[str, Any], lora: dict[str, Any] | None, lora_cfg: Lora
     scale = lora_cfg.scale
 
     def merge_layer(layer: dict[str, Array], adapters: dict[str, Any]) -> dict[str, Array]:
-        out = dict(layer)
-        for name, p in adapters.items():
-            w = layer[name]
-            delta = jnp.matmul(p["a"].astype(jnp.float32), p["b"].astype(jnp.float32))
-            out[name] = (w.astype(jnp.float32) + scale * delta).astype(w.dtype)
-        return out
+        return {**layer, **{name: merge_pair(layer[name], p, scale) for name, p in adapters.items()}}
 
     merged = dict(base)
     if isinstance(base["layers"], dict):
@@ -97,4 +100,4 @@ def count_lora_params(lora: dict[str, Any]) -> int:
     return int(sum(x.size for x in jax.tree.leaves(lora)))
 
 
-__all__ = ["init_lora", "lora_linear", "merge_lora", "count_lora_params"]
+__all__ = ["init_lora", "lora_linear", "merge_lora", "merge_pair", "count_lora_params"]

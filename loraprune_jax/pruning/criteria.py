@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from ..config import PROJECTIONS
+from ..models import lora as _lora  # module import: models.llama imports this package
 from .importance import layer_group_scores, lora_layer_scores
 
 Array = jax.Array
@@ -26,11 +27,8 @@ INPUT_STAT = {"q": "attn_in", "k": "attn_in", "v": "attn_in", "o": "o_in",
 def merged_weight(layer: Mapping[str, Array], adapters: Mapping[str, Any] | None, name: str,
                   scale: float) -> Array:
     """``W + scale * A @ B`` in float32 (``W`` alone when the projection has no adapter)."""
-    w = layer[name].astype(jnp.float32)
-    if adapters and name in adapters:
-        p = adapters[name]
-        w = w + scale * (p["a"].astype(jnp.float32) @ p["b"].astype(jnp.float32))
-    return w
+    pair = adapters.get(name) if adapters else None
+    return _lora.merge_pair(layer[name].astype(jnp.float32), pair, scale)
 
 
 def layer_scores(

@@ -20,6 +20,7 @@ from ..config import PROJECTIONS, LlamaConfig, LoraConfig
 # A module import (names resolved at call time): models.llama imports pruning.groups, so
 # ``from ..models.llama import ...`` here would be circular when the package re-exports slicing.
 from ..models import llama as _llama
+from ..models import lora as _lora
 
 Array = jax.Array
 
@@ -80,14 +81,6 @@ def kept_indices(masks: dict[str, Any] | None, config: LlamaConfig) -> list[dict
     return out
 
 
-def _merge(w: Array, pair: dict[str, Array] | None, scale: float) -> Array:
-    """``W + scale * A @ B`` computed in float32 and cast back to ``W``'s dtype."""
-    if pair is None:
-        return w
-    delta = jnp.matmul(jnp.asarray(pair["a"], jnp.float32), jnp.asarray(pair["b"], jnp.float32))
-    return (jnp.asarray(w, jnp.float32) + scale * delta).astype(w.dtype)
-
-
 def slice_and_merge(
     base: dict[str, Any],
     lora: dict[str, Any] | None,
@@ -134,7 +127,7 @@ def slice_and_merge(
                 w = jnp.take(w, rows, axis=0)
                 if pair is not None:
                     pair = {"a": jnp.take(pair["a"], rows, axis=0), "b": pair["b"]}
-            new[name] = _merge(w, pair, scale)
+            new[name] = _lora.merge_pair(w, pair, scale)
         new_layers.append(new)
 
     g = [config.heads(i) // config.kv_heads(i) if config.kv_heads(i) else 0 for i in range(config.num_layers)]
