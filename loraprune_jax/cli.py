@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
 from pathlib import Path
 from typing import Any, Sequence
-
 
 
 def _load(model: str, dtype: str | None) -> tuple[Any, Any, Any, float]:
@@ -26,17 +24,8 @@ def _eval_texts(args: argparse.Namespace) -> dict[str, str]:
 
     if args.text is None:
         return default_heldout_texts()
-    texts = load_texts(args.text)
+    texts = load_texts(args.text, split="heldout")  # a bare "wiki" means its held-out articles
     return {str(args.text): "\n\n".join(texts)}
-
-
-def _write_json(path: str, payload: dict[str, Any]) -> None:
-    """Write JSON atomically (a temp file renamed into place)."""
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, out)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -71,7 +60,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 name: {str(L): {"ppl": r.ppl, "tokens": r.tokens} for L, r in per_len.items()}
                 for name, per_len in results.items()
             }
-        _write_json(args.json, payload)
+        from .train.loop import write_json
+
+        out = Path(args.json)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_json(out, payload)
     return 0
 
 

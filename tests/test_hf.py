@@ -6,7 +6,6 @@ import json
 import os
 
 import jax
-import ml_dtypes
 import numpy as np
 import pytest
 import tokenizers

@@ -47,4 +47,5 @@ __all__ = [
     "tokenize_join",
     "wiki_articles",
     "wiki_documents",
+    "windows",
 ]

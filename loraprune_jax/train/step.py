@@ -7,7 +7,6 @@ argument, so rewriting them between calls never recompiles.
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable
 
 import jax
