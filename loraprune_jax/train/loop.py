@@ -170,6 +170,7 @@ def run_prune(
                unit="step", disable=not progress)
     train_start = time.perf_counter()
     step = start
+    stats = mask_stats(masks)  # host copy of the kept counts; refreshed only when masks change
     for step_idx, batch in batches:
         if step_idx >= t.steps:
             break
@@ -179,10 +180,10 @@ def run_prune(
         if run.schedule.is_update_step(step):
             masks = update_masks(masks, state["scores"], run.schedule.ratio_at(step),
                                  excluded=run.excluded, allocation=cfg.prune.allocation)
+            stats = mask_stats(masks)
         loss = float(metrics["loss"])
         if bool(metrics["score_skipped"]):
             log(f"step {step}: non-finite importance scores; moving average not updated")
-        stats = mask_stats(masks)
         record = {"step": step, "loss": loss, "grad_norm": float(metrics["grad_norm"]),
                   "attn_kept": stats["attn_kept_fraction"], "mlp_kept": stats["mlp_kept_fraction"],
                   "target_ratio": run.schedule.ratio_at(step)}
@@ -208,7 +209,6 @@ def run_prune(
     export_hf(out / "model", small_cfg, small, run.tokenizer, overwrite=resume)
     save_adapters(out / "adapters", lora, masks, cfg.lora, config, overwrite=resume)
     heads, kv_heads, ffn = masked_widths(config, masks)
-    stats = mask_stats(masks)
     params_before = count_params(base)
     params_after = count_params(small)
     metrics_out = {
