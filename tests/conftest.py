@@ -7,6 +7,11 @@ import os
 
 # Keep tests single-host CPU and quiet, whatever the machine has.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Eight simulated CPU devices for the sharding tests; unsharded code runs on the first one.
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    ).strip()
 
 import jax
 import numpy as np

@@ -24,8 +24,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ..config import LlamaConfig, LoraConfig
+from ..parallel.mesh import constrain
 from ..pruning.groups import expand_unit_mask
 from .lora import lora_linear
+
+_ACT = ("batch", "seq", "embed")  # logical axes of the hidden states between blocks
 
 Array = jax.Array
 LAYER_KEYS = ("attn_norm", "q", "k", "v", "o", "mlp_norm", "gate", "up", "down")
@@ -162,7 +165,10 @@ def forward(
     if tokens.ndim != 2:
         raise ValueError(f"tokens must be (batch, seq), got shape {tokens.shape}")
     dtype = base["embed"].dtype
-    x = jnp.take(base["embed"], tokens, axis=0).astype(dtype)
+    # The lookup reads a table whose vocabulary is whole on every device (a gather from a
+    # vocabulary split over devices has no efficient partitioning).
+    table = constrain(base["embed"], (None, None))
+    x = constrain(jnp.take(table, tokens, axis=0).astype(dtype), _ACT)
     positions = jnp.arange(tokens.shape[1])[None, :]
     cos, sin = rope_tables(positions, config.head_dim, config.rope_theta)
     layers = base["layers"]
@@ -181,7 +187,8 @@ def forward(
 
         def step(h: Array, xs: tuple) -> tuple[Array, dict[str, Array]]:
             layer, adapters, mask, key = xs
-            return block(h, layer, adapters, mask, key=key)
+            h, layer_stats = block(h, layer, adapters, mask, key=key)
+            return constrain(h, _ACT), layer_stats
 
         x, stats = jax.lax.scan(step, x, (layers, lora_layers, mask_layers, layer_keys))
     else:
@@ -198,6 +205,7 @@ def forward(
                 mask_layers[i] if mask_layers is not None else None,
                 key=layer_keys[i],
             )
+            x = constrain(x, _ACT)
             stats.append(layer_stats)
     x = rms_norm(x, base["final_norm"], config.rms_norm_eps)
     out = x if return_hidden else logits_from_hidden(base, x)
@@ -210,7 +218,7 @@ def logits_from_hidden(base: dict[str, Any], hidden: Array) -> Array:
         logits = hidden @ base["lm_head"]
     else:
         logits = jnp.einsum("btd,vd->btv", hidden, base["embed"])
-    return logits.astype(jnp.float32)
+    return constrain(logits, ("batch", "seq", "vocab")).astype(jnp.float32)
 
 
 def token_nll(

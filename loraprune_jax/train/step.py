@@ -12,9 +12,20 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import Mesh
 
 from ..config import PROJECTIONS, LlamaConfig, LoraConfig, PruneConfig, TrainConfig
 from ..models.llama import loss as model_loss
+from ..parallel.mesh import (
+    DEFAULT_RULES,
+    Rules,
+    activation_sharding,
+    base_layout,
+    batch_sharding,
+    check_widths,
+    param_shardings,
+    replicated,
+)
 from ..pruning.criteria import layer_scores
 from ..pruning.importance import ema_update
 
@@ -82,6 +93,9 @@ def make_train_step(
     *,
     donate: bool = True,
     jit: bool = True,
+    mesh: Mesh | None = None,
+    rules: Rules = DEFAULT_RULES,
+    stacked: bool | None = None,
 ) -> Callable[..., tuple[State, dict[str, Array]]]:
     """Build ``step(state, base, masks, batch, key) -> (state, metrics)``.
 
@@ -92,6 +106,12 @@ def make_train_step(
     ``vanilla`` also differentiates the frozen projection weights (that is its cost);
     ``wanda`` collects input norms in the forward pass. With ``jit=False`` the function is
     returned untraced (for inspection); otherwise it is jitted with the state donated.
+
+    With a ``mesh`` the step is compiled for it: the base is expected sharded by ``rules``
+    (:func:`~loraprune_jax.parallel.mesh.shard_base`; ``stacked`` layers, by default when the
+    widths are uniform), the batch split over ``data`` x ``fsdp``, and the state, masks, key,
+    scores and metrics replicated. Group scores are reduced from the sharded weights and
+    gradients inside the step, so only the small vectors are replicated.
     """
     criterion = prune_cfg.criterion
     optimizer = make_optimizer(train_cfg)
@@ -166,6 +186,25 @@ def make_train_step(
         metrics = {"loss": loss_sum / accum, "grad_norm": grad_norm, "score_skipped": skipped}
         return new_state, metrics
 
+    if mesh is not None:
+        check_widths(config, mesh, rules)
+        traced = step
+
+        def step(state, base, masks, batch, key):  # noqa: F811 - the same step, under the mesh
+            with activation_sharding(mesh, rules):
+                return traced(state, base, masks, batch, key)
+
     if not jit:
         return step
-    return jax.jit(step, donate_argnums=(0,) if donate else ())
+    donate_argnums = (0,) if donate else ()
+    if mesh is None:
+        return jax.jit(step, donate_argnums=donate_argnums)
+    rep = replicated(mesh)
+    layout = base_layout(config, config.is_uniform if stacked is None else stacked)
+    return jax.jit(
+        step,
+        in_shardings=(rep, param_shardings(layout, mesh, rules), rep,
+                      batch_sharding(mesh, 3, 1, rules), rep),
+        out_shardings=(rep, rep),
+        donate_argnums=donate_argnums,
+    )
