@@ -142,7 +142,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
         cfg = build_run_config(args.config, args.overrides)
     metrics = run_prune(cfg, resume=bool(args.resume), progress=not args.no_progress,
                         log=lambda m: print(m, file=sys.stderr))
-    print_summary(metrics, cfg.out)
+    from .parallel.distributed import is_primary
+
+    if is_primary():
+        print_summary(metrics, cfg.out)
     return 0
 
 
@@ -179,6 +182,10 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--config", default=None, help="a YAML file of config keys (nested or dotted)")
     pr.add_argument("--resume", default=None, metavar="DIR", help="continue an interrupted run")
     pr.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
+    pr.add_argument("--distributed", action="store_true",
+                    help="one of several processes (TPU pod workers, GPU hosts): connect them with "
+                         "jax.distributed.initialize() first (automatic when "
+                         "JAX_COORDINATOR_ADDRESS is set)")
     pr.set_defaults(func=cmd_prune)
 
     demo = sub.add_parser("demo", help="the main job: prune the bundled SmolLM2 on bundled text")
@@ -186,6 +193,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
     demo.set_defaults(func=cmd_demo)
     return parser
+
+
+def _env_wants_distributed() -> bool:
+    from .parallel.distributed import wants_distributed
+
+    return wants_distributed()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -196,6 +209,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             if v is not None and v < 1:
                 raise SystemExit(f"error: --{attr.replace('_', '-')} must be positive, got {v}")
     try:
+        if getattr(args, "distributed", False) or _env_wants_distributed():
+            from .parallel.distributed import initialize
+
+            initialize()
         return args.func(args)
     except (OSError, ValueError) as e:  # bad input: a file, a checkpoint, a text, a width
         if os.environ.get("LORAPRUNE_JAX_DEBUG"):

@@ -321,6 +321,8 @@ class RunConfig:
     dtype: str | None = None  # None: float32 on CPU, bfloat16 on GPU/TPU
     checkpoint_every: int = 50
     log_every: int = 10
+    mesh: str = "fsdp:-1"  # device mesh, axes data/fsdp/tensor (loraprune_jax.parallel.mesh)
+    data_shards: int = 0  # training-data shards, one block of each batch each; 0: one per process
     lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
     prune: PruneConfig = dataclasses.field(default_factory=PruneConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
@@ -335,6 +337,8 @@ class RunConfig:
             raise ValueError(f"eval_max_windows must be positive, got {self.eval_max_windows}")
         if self.checkpoint_every < 1 or self.log_every < 1:
             raise ValueError("checkpoint_every and log_every must be at least 1")
+        if self.data_shards < 0:
+            raise ValueError(f"data_shards must be >= 0 (0: one per process), got {self.data_shards}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -197,8 +197,12 @@ def load_texts(
     *,
     field: str = "text",
     data_dir: str | os.PathLike | None = None,
+    shard: tuple[int, int] | None = None,
 ) -> Sequence[str]:
     """Documents named by ``spec``, for configs and the CLI.
+
+    ``shard=(index, count)`` keeps only documents ``index, index + count, ...`` (for a tfds
+    source only those records are read), so each process of a multi-host job reads its share.
 
     ``spec`` is one of:
 
@@ -209,6 +213,24 @@ def load_texts(
     * ``"tfds:NAME[:SPLIT]"``: a prepared tensorflow-datasets dataset in array_record format, read
       lazily with random access (``data_dir``: its tfds data dir; ``SPLIT`` defaults to ``split``).
     """
+    docs = _load_all(spec, split, field, data_dir)
+    if shard is None:
+        return docs
+    index, count = shard
+    if count < 1 or not 0 <= index < count:
+        raise ValueError(f"bad data shard {index} of {count}")
+    if len(docs) < count:
+        raise ValueError(
+            f"{os.fspath(spec)!r} has {len(docs)} document(s), fewer than the {count} data shards; "
+            "give a directory or .jsonl with more documents, or set data_shards=1 (every process "
+            "then reads all of it)"
+        )
+    return docs[index::count]
+
+
+def _load_all(
+    spec: str | os.PathLike, split: str, field: str, data_dir: str | os.PathLike | None
+) -> Sequence[str]:
     s = os.fspath(spec)
     if s.startswith("tfds:"):
         from loraprune_jax.data.tfds_source import parse_tfds_spec, tfds_texts

@@ -17,11 +17,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from ..config import LlamaConfig, LoraConfig
 from ..data.packing import windows
 from ..models.llama import token_nll
+from ..parallel.mesh import BATCH_AXES, batch_sharding, global_array, host_tree, mesh_sizes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,12 +73,15 @@ def perplexity(
     batch_size: int | None = None,
     progress: bool = True,
     desc: str = "perplexity",
+    mesh: Mesh | None = None,
 ) -> PerplexityResult:
     """Perplexity of the (masked, LoRA) model over ``ids`` cut into ``seq_len`` windows.
 
     Windows are evaluated ``batch_size`` at a time (default: about 4096 tokens per batch); the
     last batch is padded with repeats of its first window so every call has one shape (one
-    compilation), and the padding is discarded.
+    compilation), and the padding is discarded. With a ``mesh`` (``base`` placed on it, LoRA and
+    masks replicated) the windows of a batch are split over its ``data`` x ``fsdp`` axes, and
+    ``batch_size`` is rounded up to a multiple of their size.
     """
     if seq_len < 2:
         raise ValueError(f"seq_len must be at least 2, got {seq_len}")
@@ -84,6 +89,11 @@ def perplexity(
     n = win.shape[0]
     if batch_size is None:
         batch_size = max(1, min(n, 4096 // seq_len))
+    sharding = None
+    if mesh is not None:
+        sharding = batch_sharding(mesh, ndim=2, batch_axis=0)
+        per = math.prod(mesh_sizes(mesh)[a] for a in BATCH_AXES)
+        batch_size = -(-batch_size // per) * per
     start = time.perf_counter()
     total = 0.0
     bar = tqdm(total=n, desc=desc, unit="win", disable=not progress, leave=False)
@@ -92,8 +102,10 @@ def perplexity(
         real = chunk.shape[0]
         if real < batch_size:
             chunk = np.concatenate([chunk, np.repeat(chunk[:1], batch_size - real, axis=0)])
-        nll = window_nll(base, lora, masks, jnp.asarray(chunk, jnp.int32), config, lora_cfg)
-        total += float(np.sum(np.asarray(nll, np.float64)[:real]))
+        chunk = chunk.astype(np.int32)
+        ids_b = jnp.asarray(chunk) if sharding is None else global_array(chunk, sharding)
+        nll = host_tree(window_nll(base, lora, masks, ids_b, config, lora_cfg))
+        total += float(np.sum(nll.astype(np.float64)[:real]))
         bar.update(real)
         bar.set_postfix(ppl=f"{math.exp(total / (lo + real)):.3f}")
     bar.close()

@@ -38,8 +38,10 @@ SMOLLM2_SPECS = ("smollm2", "smollm2-135m", "smollm2-135m-instruct")
 def load_model(
     spec: str | os.PathLike[str],
     dtype: str | None = None,
+    as_numpy: bool = False,
 ) -> tuple[LlamaConfig, dict[str, Any], Any | None]:
-    """Load ``(config, base, tokenizer)`` from a model spec.
+    """Load ``(config, base, tokenizer)`` from a model spec (numpy leaves when ``as_numpy``,
+    for placing on a mesh without a copy on one device first).
 
     ``"smollm2"``: the bundled SmolLM2-135M-Instruct (cached HF conversion); a directory: a HF
     checkpoint; a ``.gguf`` file: a LLaMA GGUF. ``dtype`` defaults to the checkpoint's dtype
@@ -47,12 +49,12 @@ def load_model(
     """
     text = os.fspath(spec)
     if isinstance(spec, str) and text.lower() in SMOLLM2_SPECS and not Path(text).exists():
-        return load_smollm2(dtype=dtype or "float32")
+        return load_smollm2(dtype=dtype or "float32", as_numpy=as_numpy)
     path = Path(text).expanduser()
     if path.is_dir():
-        return load_hf_dir(path, dtype=dtype)
+        return load_hf_dir(path, dtype=dtype, as_numpy=as_numpy)
     if path.suffix.lower() == ".gguf":
-        return load_gguf(path, dtype=dtype or "float32")
+        return load_gguf(path, dtype=dtype or "float32", as_numpy=as_numpy)
     if not path.exists():
         raise CheckpointError(
             path,

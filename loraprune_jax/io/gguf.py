@@ -288,6 +288,7 @@ def smollm2_cache_path(cache_dir: str | os.PathLike[str] | None = None) -> Path:
 def load_smollm2(
     cache_dir: str | os.PathLike[str] | None = None,
     dtype: str = "float32",
+    as_numpy: bool = False,
 ) -> tuple[LlamaConfig, dict[str, Any], Any]:
     """The bundled SmolLM2-135M-Instruct: ``(config, base params, tokenizer)``.
 
@@ -303,5 +304,5 @@ def load_smollm2(
         source = json.dumps(_fingerprint(gguf_path), indent=2) + "\n"
         save_hf_dir(cache, config, base, tokenizer, overwrite=True, extra_files={SOURCE_FILE: source})
         del base
-    config, base, tokenizer = load_hf_dir(cache, dtype=dtype)
+    config, base, tokenizer = load_hf_dir(cache, dtype=dtype, as_numpy=as_numpy)
     return config, base, tokenizer

@@ -7,6 +7,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ..config import LoraConfig
 
@@ -71,9 +72,13 @@ def lora_linear(
 
 
 def merge_pair(w: Array, pair: dict[str, Array] | None, scale: float) -> Array:
-    """``W + scale * A @ B`` computed in float32 and cast back to ``W``'s dtype."""
+    """``W + scale * A @ B`` computed in float32 and cast back to ``W``'s dtype (numpy in, numpy
+    out: merged on the host)."""
     if pair is None:
         return w
+    if isinstance(w, np.ndarray):
+        a, b = (np.asarray(pair[k], np.float32) for k in ("a", "b"))
+        return (w.astype(np.float32) + np.float32(scale) * (a @ b)).astype(w.dtype)
     delta = jnp.matmul(jnp.asarray(pair["a"], jnp.float32), jnp.asarray(pair["b"], jnp.float32))
     return (jnp.asarray(w, jnp.float32) + scale * delta).astype(w.dtype)
 

@@ -114,7 +114,16 @@ def make_mesh(spec: str = DEFAULT_MESH, devices: Sequence[Any] | None = None) ->
     """A ``Mesh`` with axes ``(data, fsdp, tensor)`` over ``devices`` (default: all devices of
     all processes) from a spec such as ``"data:2,fsdp:-1"``."""
     devices = list(jax.devices() if devices is None else devices)
-    sizes = parse_mesh(spec, len(devices))
+    try:
+        sizes = parse_mesh(spec, len(devices))
+    except ShardingError:
+        # Fewer devices than there are (e.g. "fsdp:1" on a host with 8): use the first ones,
+        # when they all belong to this one process.
+        n = _fixed_size(spec)
+        if not n or n > len(devices) or jax.process_count() > 1:
+            raise
+        sizes = parse_mesh(spec, n)
+        devices = devices[:n]
     shape = tuple(sizes[a] for a in AXES)
     auto = (AxisType.Auto,) * len(AXES)  # shardings propagate (GSPMD), not checked by type
     try:
@@ -122,6 +131,15 @@ def make_mesh(spec: str = DEFAULT_MESH, devices: Sequence[Any] | None = None) ->
     except (ValueError, NotImplementedError, AssertionError):
         # make_mesh insists on a topology-aware layout; any order works for simulated devices.
         return Mesh(np.asarray(devices, dtype=object).reshape(shape), AXES, axis_types=auto)
+
+
+def _fixed_size(spec: str) -> int:
+    """The device count of a spec without ``-1`` (0 when it has one or does not parse)."""
+    try:
+        sizes = [int(part.partition(":")[2]) for part in spec.split(",")]
+    except ValueError:
+        return 0
+    return 0 if any(s < 1 for s in sizes) else math.prod(sizes)
 
 
 def mesh_sizes(mesh: Mesh) -> dict[str, int]:

@@ -93,7 +93,9 @@ def slice_and_merge(
     Slices each projection first (and ``B``'s columns / ``A``'s rows with it) and then merges,
     which equals merging then slicing but never materialises a full-width merged weight.
     Accepts list or stacked layouts for all three trees; ``lora`` and ``masks`` may be ``None``.
-    Embeddings, norms and the LM head are shared (not copied) with ``base``.
+    Embeddings, norms and the LM head are shared (not copied) with ``base``. A base of numpy
+    arrays is sliced and merged on the host (numpy results), so a model too large for one
+    device can be sliced after training on a mesh.
     """
     base = _llama.unstack_layers(base)
     _llama.check_base(base, config)
@@ -117,16 +119,17 @@ def slice_and_merge(
         new = dict(layer)
         for name in PROJECTIONS:
             w, pair = layer[name], adapters.get(name)
+            take = np.take if isinstance(w, np.ndarray) else jnp.take  # numpy stays on the host
             if name in _OUT_COLS:
-                cols = jnp.asarray(ids[_OUT_COLS[name]])
-                w = jnp.take(w, cols, axis=1)
+                cols = ids[_OUT_COLS[name]]
+                w = take(w, cols, axis=1)
                 if pair is not None:
-                    pair = {"a": pair["a"], "b": jnp.take(pair["b"], cols, axis=1)}
+                    pair = {"a": pair["a"], "b": take(pair["b"], cols, axis=1)}
             else:
-                rows = jnp.asarray(ids[_IN_ROWS[name]])
-                w = jnp.take(w, rows, axis=0)
+                rows = ids[_IN_ROWS[name]]
+                w = take(w, rows, axis=0)
                 if pair is not None:
-                    pair = {"a": jnp.take(pair["a"], rows, axis=0), "b": pair["b"]}
+                    pair = {"a": take(pair["a"], rows, axis=0), "b": pair["b"]}
             new[name] = _lora.merge_pair(w, pair, scale)
         new_layers.append(new)
 

@@ -8,12 +8,14 @@ resumed with ``resume=True`` ends exactly where the uninterrupted run would.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
+import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -25,10 +27,28 @@ from ..data import load_texts
 from ..data.packing import PackedDataset, tokenize_join, windows
 from ..eval.perplexity import perplexity
 from ..io import export_hf, load_model, save_adapters
-from ..models.llama import stack_layers
 from ..models.lora import init_lora
+from ..parallel import distributed
+from ..parallel.mesh import (
+    ShardingError,
+    batch_sharding,
+    check_batch,
+    describe,
+    global_array,
+    host_tree,
+    make_mesh,
+    mesh_sizes,
+    replicated,
+    shard_base,
+)
 from ..pruning.groups import init_masks
-from ..pruning.masks import excluded_layers, mask_stats, masked_widths, update_masks
+from ..pruning.masks import (
+    excluded_layers,
+    mask_stats,
+    masked_widths,
+    num_to_prune,
+    update_masks,
+)
 from ..pruning.schedule import OneShotSchedule, PruneSchedule
 from ..pruning.slicing import count_params, slice_and_merge
 from .checkpoint import RunCheckpointer
@@ -69,28 +89,35 @@ def spread_windows(ids: np.ndarray, seq_len: int, max_windows: int | None) -> np
 
 
 class PreparedRun:
-    """Everything loaded and validated before the output directory is created."""
+    """Everything loaded, validated and placed on the mesh before the output directory is
+    created."""
 
     def __init__(self, cfg: RunConfig, log: Callable[[str], None]) -> None:
         self.cfg = cfg
+        t = cfg.train
+        self.mesh = make_mesh(cfg.mesh)
+        check_batch(t.micro_batch_size, self.mesh)
         t0 = time.perf_counter()
-        self.config, base, self.tokenizer = load_model(cfg.model, dtype=cfg.dtype or default_dtype())
+        self.config, host, self.tokenizer = load_model(
+            cfg.model, dtype=cfg.dtype or default_dtype(), as_numpy=True
+        )
         if self.tokenizer is None:
             raise ValueError(f"model {cfg.model} has no tokenizer files; cannot tokenize the data")
-        log(f"loaded {cfg.model}: {self.config.num_params() / 1e6:.1f}M parameters "
-            f"({self.config.dtype}) in {time.perf_counter() - t0:.1f}s")
-        self.base = stack_layers(base) if self.config.is_uniform else base
-        self.schedule = make_schedule(cfg)  # validates steps/calibration before anything runs
-        t = cfg.train
-        self.dataset = PackedDataset.from_texts(
-            load_texts(cfg.data), self.tokenizer, t.seq_len, eos_id=self.config.eos_token_id
+        self.excluded = excluded_layers(
+            self.config.num_layers, cfg.prune.exclude_first, cfg.prune.exclude_last
         )
-        need = t.batch_size * jax.process_count()
-        if len(self.dataset) < need:
-            raise ValueError(
-                f"training data {cfg.data!r} gives {len(self.dataset)} sequences of {t.seq_len} "
-                f"tokens, fewer than one batch of {need}"
-            )
+        self._check_final_widths()
+        self.host_base = host  # list layout, numpy: sliced on the host at the end
+        self.base = shard_base(host, self.config, self.mesh)  # stacked when widths are uniform
+        log(f"loaded {cfg.model}: {self.config.num_params() / 1e6:.1f}M parameters "
+            f"({self.config.dtype}) in {time.perf_counter() - t0:.1f}s on mesh "
+            f"{describe(self.mesh)} ({jax.process_count()} process(es))")
+        self.schedule = make_schedule(cfg)  # validates steps/calibration before anything runs
+        self.batch_sharding = batch_sharding(self.mesh)
+        self.data = ShardedData(cfg, self.tokenizer, self.config.eos_token_id, self.batch_sharding)
+        if jax.process_count() > 1:  # every process says which shards it reads
+            print(f"process {jax.process_index()}: data shards {self.data.local_shards} of "
+                  f"{self.data.num_shards}", file=sys.stderr, flush=True)
         self.eval_windows = {}
         for spec in cfg.eval_texts:
             ids = tokenize_join(list(load_texts(spec, split="heldout")), self.tokenizer)
@@ -100,18 +127,103 @@ class PreparedRun:
                     f"{cfg.eval_seq_len}"
                 )
             self.eval_windows[spec] = spread_windows(ids, cfg.eval_seq_len, cfg.eval_max_windows)
-        self.excluded = excluded_layers(
-            self.config.num_layers, cfg.prune.exclude_first, cfg.prune.exclude_last
-        )
+
+    def _check_final_widths(self) -> None:
+        """With a tensor axis, the sliced model must still split over it: check the widths the
+        final ratio leaves now, not after training."""
+        tensor = mesh_sizes(self.mesh)["tensor"]
+        if tensor == 1:
+            return
+        p = self.cfg.prune
+        if p.allocation != "uniform":
+            raise ShardingError(
+                f"allocation={p.allocation} leaves per-layer widths that the tensor axis "
+                f"({tensor}) may not divide after slicing; use prune.allocation=uniform or a mesh "
+                "without a tensor axis (e.g. mesh=fsdp:-1)"
+            )
+        c = self.config
+        for i in range(c.num_layers):
+            if i in self.excluded:
+                continue
+            units = c.kv_heads(i) - num_to_prune(c.kv_heads(i), p.ratio)
+            heads = units * (c.heads(i) // c.kv_heads(i))
+            ffn = c.ffn(i) - num_to_prune(c.ffn(i), p.ratio)
+            for what, n in (("KV heads", units), ("query heads", heads), ("MLP channels", ffn)):
+                if n % tensor:
+                    raise ShardingError(
+                        f"at prune.ratio={p.ratio} layer {i} keeps {n} {what}, which the tensor "
+                        f"axis ({tensor}) does not divide, so the pruned model could not be "
+                        "evaluated on this mesh; choose a ratio whose kept counts it divides or "
+                        "a mesh without a tensor axis (e.g. mesh=fsdp:-1)"
+                    )
 
     def evaluate(self, base: Any, config: Any, progress: bool, tag: str) -> dict[str, Any]:
         out = {}
         for spec, win in self.eval_windows.items():
             res = perplexity(base, config, win.reshape(-1), self.cfg.eval_seq_len,
-                             progress=progress, desc=f"ppl {tag} {spec}")
+                             progress=progress, desc=f"ppl {tag} {spec}", mesh=self.mesh)
             out[spec] = {"ppl": res.ppl, "tokens": res.tokens,
                          "tokens_per_second": res.tokens_per_second}
         return out
+
+
+class ShardedData:
+    """Training batches of a (multi-process) run, each process reading only its data shards.
+
+    The texts are split into ``data_shards`` shards of documents (default: one per process).
+    Rows ``[s*b, (s+1)*b)`` of every micro-batch (``b = micro_batch_size / data_shards``) come
+    from shard ``s``'s own packed, shuffled dataset; a process loads the shards whose rows its
+    devices hold. The global batch of a step is thus fixed by ``(data_shards, seed, step)`` and
+    the same for any number of processes.
+    """
+
+    def __init__(self, cfg: RunConfig, tokenizer: Any, eos_id: int | None,
+                 sharding: Any) -> None:
+        t = cfg.train
+        self.num_shards = cfg.data_shards or jax.process_count()
+        if t.micro_batch_size % self.num_shards:
+            raise ValueError(
+                f"train.micro_batch_size={t.micro_batch_size} is not a multiple of the "
+                f"{self.num_shards} data shards; raise it or set data_shards"
+            )
+        self.shape = (t.grad_accum, t.micro_batch_size, t.seq_len)
+        self.block = t.micro_batch_size // self.num_shards
+        self.sharding = sharding
+        rows: set[int] = set()
+        for idx in sharding.addressable_devices_indices_map(self.shape).values():
+            rows.update(range(*idx[1].indices(t.micro_batch_size)))
+        self.local_shards = sorted({r // self.block for r in rows})
+        self.datasets = {}
+        for s in self.local_shards:
+            shard = None if self.num_shards == 1 else (s, self.num_shards)
+            texts = load_texts(cfg.data, shard=shard)
+            ds = PackedDataset.from_texts(texts, tokenizer, t.seq_len, eos_id=eos_id)
+            need = t.grad_accum * self.block
+            if len(ds) < need:
+                which = "" if shard is None else f" (shard {s} of {self.num_shards})"
+                raise ValueError(
+                    f"training data {cfg.data!r}{which} gives {len(ds)} sequences of "
+                    f"{t.seq_len} tokens, fewer than one batch of {need}"
+                )
+            self.datasets[s] = ds
+        self.seed = t.seed
+
+    def iterate(self, start_step: int) -> Iterator[tuple[int, jax.Array]]:
+        """``(step, global token batch)`` from ``start_step`` on, endlessly."""
+        accum, micro, seq = self.shape
+        iters = {
+            s: ds.iterate(accum * self.block, self.seed, start_step=start_step,
+                          process_index=0, process_count=1)
+            for s, ds in self.datasets.items()
+        }
+        while True:
+            local = np.zeros(self.shape, np.int32)  # rows of shards read elsewhere stay unused
+            step = None
+            for s, it in iters.items():
+                step, batch = next(it)
+                local[:, s * self.block:(s + 1) * self.block] = batch["tokens"].reshape(
+                    accum, self.block, seq)
+            yield step, global_array(local, self.sharding)
 
 
 def run_prune(
@@ -130,6 +242,9 @@ def run_prune(
     """
     start_time = time.perf_counter()
     out = Path(cfg.out)
+    primary = distributed.is_primary()
+    if not primary:
+        log = lambda message: None  # noqa: E731 - one process speaks for all
     if resume:
         saved = out / RUN_CONFIG_FILE
         if not saved.is_file():
@@ -140,42 +255,53 @@ def run_prune(
     elif out.exists():
         raise FileExistsError(f"output directory {out} already exists; choose another out=")
     run = PreparedRun(cfg, log)
-    config, base, t = run.config, run.base, cfg.train
+    config, base, t, mesh = run.config, run.base, cfg.train, run.mesh
+    rep = replicated(mesh)
     stacked = isinstance(base["layers"], dict)
-    lora = init_lora(jax.random.PRNGKey(t.seed), base, cfg.lora)
-    masks = init_masks(config, stacked=stacked)
-    state = init_state(lora, masks, t)
-    step_fn = make_train_step(config, cfg.lora, t, cfg.prune)
-    key = jax.random.PRNGKey(t.seed + 1)
+    shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), base)
 
-    out.mkdir(parents=True, exist_ok=True)
-    if not resume:
-        write_json(out / RUN_CONFIG_FILE, cfg.to_dict())
+    @functools.partial(jax.jit, out_shardings=rep)
+    def fresh_state() -> tuple[dict[str, Any], dict[str, Any]]:
+        masks = init_masks(config, stacked=stacked)
+        like = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)  # shapes only; no copy
+        lora = init_lora(jax.random.PRNGKey(t.seed), like, cfg.lora)
+        return init_state(lora, masks, t), masks
+
+    state, masks = fresh_state()  # created on the mesh, replicated
+    step_fn = make_train_step(config, cfg.lora, t, cfg.prune, mesh=mesh, stacked=stacked)
+    key = global_array(np.asarray(jax.random.PRNGKey(t.seed + 1)), rep)
+
+    distributed.barrier("loraprune-checked")  # every process has seen `out` absent
+    if primary:
+        out.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            write_json(out / RUN_CONFIG_FILE, cfg.to_dict())
+    distributed.barrier("loraprune-out-created")
     ckpt = RunCheckpointer(out / "checkpoints", max_to_keep=2)
     history: list[dict[str, Any]] = []
     start = ckpt.latest_step() if resume else None
     if start is not None:
+        # restored onto the mesh: the target's shardings place every array
         restored, meta = ckpt.restore(start, target={"state": state, "masks": masks})
         state, masks = restored["state"], restored["masks"]
         history, before = meta["history"], meta["before"]
         log(f"resumed {out} at step {start}")
     else:
         start = 0
-        before = run.evaluate(base, config, progress, "before")
+        before = run.evaluate(base, config, progress and primary, "before")
         for spec, r in before.items():
             log(f"before: {spec} ppl {r['ppl']:.3f}")
 
-    batches = run.dataset.iterate(t.batch_size, t.seed, start_step=start)
+    batches = run.data.iterate(start)
     bar = tqdm(total=t.steps, initial=start, desc=f"prune {cfg.prune.criterion}",
-               unit="step", disable=not progress)
+               unit="step", disable=not (progress and primary))
     train_start = time.perf_counter()
     step = start
     stats = mask_stats(masks)  # host copy of the kept counts; refreshed only when masks change
-    for step_idx, batch in batches:
+    for step_idx, tokens in batches:
         if step_idx >= t.steps:
             break
-        tokens = batch["tokens"].reshape(t.grad_accum, t.micro_batch_size, t.seq_len)
-        state, metrics = step_fn(state, base, masks, {"tokens": jnp.asarray(tokens)}, key)
+        state, metrics = step_fn(state, base, masks, {"tokens": tokens}, key)
         step = step_idx + 1
         if run.schedule.is_update_step(step):
             masks = update_masks(masks, state["scores"], run.schedule.ratio_at(step),
@@ -201,21 +327,26 @@ def run_prune(
     ckpt.close()
     train_seconds = time.perf_counter() - train_start
 
-    lora = state["lora"]
-    small, small_cfg = slice_and_merge(base, lora, masks, config, cfg.lora)
-    after = run.evaluate(small, small_cfg, progress, "after")
+    # Slice and merge on the host (numpy), then place the smaller model on the mesh to evaluate.
+    lora, host_masks = host_tree(state["lora"]), host_tree(masks)
+    small, small_cfg = slice_and_merge(run.host_base, lora, host_masks, config, cfg.lora)
+    after = run.evaluate(shard_base(small, small_cfg, mesh, stacked=False), small_cfg,
+                         progress and primary, "after")
     for spec, r in after.items():
         log(f"after: {spec} ppl {r['ppl']:.3f} (before {before[spec]['ppl']:.3f})")
-    export_hf(out / "model", small_cfg, small, run.tokenizer, overwrite=resume)
-    save_adapters(out / "adapters", lora, masks, cfg.lora, config, overwrite=resume)
-    heads, kv_heads, ffn = masked_widths(config, masks)
-    params_before = count_params(base)
+    if primary:
+        export_hf(out / "model", small_cfg, small, run.tokenizer, overwrite=resume)
+        save_adapters(out / "adapters", lora, host_masks, cfg.lora, config, overwrite=resume)
+    heads, kv_heads, ffn = masked_widths(config, host_masks)
+    params_before = count_params(run.host_base)
     params_after = count_params(small)
     metrics_out = {
         "model": cfg.model,
         "criterion": cfg.prune.criterion,
         "ratio": cfg.prune.ratio,
         "steps": t.steps,
+        "mesh": describe(mesh),
+        "processes": jax.process_count(),
         "ppl_before": {k: v["ppl"] for k, v in before.items()},
         "ppl_after": {k: v["ppl"] for k, v in after.items()},
         "eval": {"seq_len": cfg.eval_seq_len, "before": before, "after": after},
@@ -232,8 +363,11 @@ def run_prune(
         "run_seconds_this_session": time.perf_counter() - start_time,
         "history": history,
     }
-    plot_history(history, out / "training.png", f"{cfg.model} {cfg.prune.criterion} {cfg.prune.ratio}")
-    write_json(out / METRICS_FILE, metrics_out)  # last: its presence marks a complete run
+    if primary:
+        plot_history(history, out / "training.png",
+                     f"{cfg.model} {cfg.prune.criterion} {cfg.prune.ratio}")
+        write_json(out / METRICS_FILE, metrics_out)  # last: its presence marks a complete run
+    distributed.barrier("loraprune-done")
     return metrics_out
 
 
