@@ -386,3 +386,29 @@ def test_sigkill_during_save_keeps_last_complete_step(tmp_path):
         assert ck.all_steps() == [3, 4]
         assert_state_equal(ck.restore(4, target=make_state(0))[0], make_state(4))
     assert tmp_dirs(d) == []
+
+
+def test_restore_reshards_onto_another_mesh(tmp_path):
+    """Saved from one mesh layout, restored onto the target's (different) shardings."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from loraprune_jax.parallel.mesh import make_mesh, replicated
+
+    src, dst = make_mesh("fsdp:8"), make_mesh("data:2,tensor:4")
+    w = np.arange(16 * 24, dtype=np.float32).reshape(16, 24)
+    tree = {"w": jax.device_put(w, NamedSharding(src, P("fsdp", None))),
+            "v": jax.device_put(np.arange(5.0, dtype=np.float32), replicated(src))}
+    with RunCheckpointer(tmp_path / "ck") as ck:
+        ck.save(1, tree, {"note": "sharded"})
+    want = {"w": NamedSharding(dst, P(None, "tensor")), "v": replicated(dst)}
+    target = {k: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=want[k]) for k, x in tree.items()}
+    with RunCheckpointer(tmp_path / "ck") as ck:
+        got, meta = ck.restore(1, target)
+        assert meta == {"note": "sharded"}
+        bad = dict(target, w=jax.ShapeDtypeStruct((16, 12), np.float32, sharding=want["w"]))
+        with pytest.raises(CheckpointMismatchError, match="'w'.*shape"):
+            ck.restore(1, bad)
+    for k in tree:
+        assert got[k].sharding == want[k]
+        np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(tree[k]))
+    assert got["w"].addressable_shards[0].data.shape == (16, 6)

@@ -92,6 +92,11 @@ def test_global_allocation_keeps_the_total(tiny_run_inputs, tmp_path):
     ({"model": "/nonexistent/model"}, "no such model"),
     ({"train.micro_batch_size": 4000}, "fewer than one batch"),
     ({"train.steps": "many"}, "expects int"),
+    ({"mesh": "fsdp:-1"}, "micro_batch_size=2 is not a multiple of the 8 devices"),
+    ({"mesh": "data:2,model:4"}, "AXIS one of data, fsdp, tensor"),
+    ({"mesh": "data:2,tensor:2"}, "layer 0 keeps 1 KV heads, which the tensor axis (2) does not"),
+    ({"mesh": "data:2,tensor:2", "prune.allocation": "global"}, "use prune.allocation=uniform"),
+    ({"data_shards": 2}, "fewer than the 2 data shards"),
 ])
 def test_bad_input_exits_2_and_leaves_nothing(tiny_run_inputs, tmp_path, capsys, bad, message):
     out = tmp_path / "bad"
@@ -108,6 +113,20 @@ def test_existing_output_directory_is_refused(tiny_run_inputs, tmp_path, capsys)
     assert main(["prune", *tiny_overrides(tiny_run_inputs, out), "--no-progress"]) == 2
     assert "already exists" in capsys.readouterr().err
     assert os.listdir(out) == ["keep.txt"]
+
+
+def test_run_on_a_mesh_equals_one_device(tiny_run_inputs, tmp_path):
+    """Tensor parallel over KV groups (2 units, ratio 0 keeps both) and data parallel batches."""
+    root = tiny_run_inputs
+    extra = {"train.steps": 6, "prune.ratio": 0.0, "lora.dropout": 0.0}
+    one = run_prune(config_for(root, tmp_path / "one", **extra), progress=False, log=lambda s: None)
+    many = run_prune(config_for(root, tmp_path / "many", mesh="data:2,tensor:2", **extra),
+                     progress=False, log=lambda s: None)
+    assert many["mesh"] == "data:2,fsdp:1,tensor:2"
+    np.testing.assert_allclose([h["loss"] for h in many["history"]],
+                               [h["loss"] for h in one["history"]], rtol=1e-5)
+    for spec, ppl in one["ppl_after"].items():
+        assert many["ppl_after"][spec] == pytest.approx(ppl, rel=1e-5)
 
 
 @pytest.mark.slow
