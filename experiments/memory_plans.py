@@ -22,7 +22,7 @@ all-gathers of single layers and of the LM head remain (a CPU overestimate of ro
 and the head's weights).
 
 `--meshes none` compiles the unsharded step for one device; with `JAX_PLATFORMS=cuda` (or tpu)
-that is the accelerator's own compiler, and `--execute` then also runs one step on random weights
+that is the accelerator's own compiler, and `--execute` then also runs one step (constant weights)
 and reports the device's peak bytes in use (one process per row gives clean peaks).
 """
 
@@ -76,7 +76,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--licm", action="store_true",
                     help="keep XLA CPU's while-loop-invariant code motion (f32 copies of all weights)")
     ap.add_argument("--execute", action="store_true",
-                    help="also run one step on random weights and report the peak device memory")
+                    help="also run one step and report the device's peak bytes in use (GPU/TPU)")
     ap.add_argument("--json", default=None, metavar="OUT", help="write the rows as JSON")
     ap.add_argument("--markdown", action="store_true", help="print only the Markdown table and notes")
     return ap.parse_args(argv)
@@ -211,6 +211,8 @@ def main(argv: list[str] | None = None) -> int:
             del compiled, lowered
         # Sanity: the sharded bf16 weights plus the replicated train state should be the arguments.
         mine = [r for r in results if r["key"] == model and r["mesh"] == spec]
+        if len(mine) > len(args.criteria):
+            continue  # this mesh was checked already (another remat setting)
         expect = mine[0]["weights_per_device_gib"] + mine[0]["state_gib"]
         got = mine[0]["argument_gib"]
         flag = "" if abs(got / expect - 1) < 0.03 else "  <-- MISMATCH: the base is not sharded as the rules say"
@@ -234,27 +236,20 @@ def main(argv: list[str] | None = None) -> int:
 
 def execute(jax: Any, jnp: Any, compiled: Any, state: Any, base: Any, masks: Any, batch: Any,
             key: Any) -> int:
-    """Run the compiled step once on random bf16 weights; the device's peak bytes in use."""
-    def make(tree: Any, fill: str) -> Any:
-        def one(x: Any, k: Any) -> Any:
-            if fill == "normal" and jnp.issubdtype(x.dtype, jnp.floating):
-                return (0.02 * jax.random.normal(k, x.shape, jnp.float32)).astype(x.dtype)
-            return jnp.zeros(x.shape, x.dtype) if fill != "ones" else jnp.ones(x.shape, x.dtype)
+    """Run the compiled step once and return the device's peak bytes in use.
 
-        leaves, treedef = jax.tree.flatten(tree)
-        keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
-        shard = [x.sharding for x in leaves]
-        build = jax.jit(lambda: [one(x, k) for x, k in zip(leaves, keys)],
-                        out_shardings=shard if all(s is not None for s in shard) else None)
-        return jax.tree.unflatten(treedef, build())
+    Every leaf is a constant built on the device one at a time (weights 0.02, masks 1, the rest 0),
+    so building the inputs adds no temporaries to the peak; memory does not depend on values.
+    """
+    def make(tree: Any, value: float) -> Any:
+        def one(x: Any) -> Any:
+            fill = value if jnp.issubdtype(x.dtype, jnp.floating) else 0
+            return jax.jit(lambda: jnp.full(x.shape, fill, x.dtype), out_shardings=x.sharding)()
+        return jax.tree.map(one, tree)
 
-    real_base = make(base, "normal")
-    real_state = make(state, "zeros")
-    real_masks = make(masks, "ones")
-    real_batch = make(batch, "zeros")
-    real_key = jax.random.PRNGKey(0)
-    jax.block_until_ready(compiled(real_state, real_base, real_masks, real_batch, real_key))
-    stats = jax.devices()[0].memory_stats() or {}
+    inputs = (make(state, 0.0), make(base, 0.02), make(masks, 1.0), make(batch, 0.0), make(key, 0.0))
+    jax.block_until_ready(compiled(*inputs))
+    stats = jax.devices()[0].memory_stats() or {}  # None on CPU
     return int(stats.get("peak_bytes_in_use", 0))
 
 
@@ -278,7 +273,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
             f"{'on' if r['remat'] else 'off'} | {r['seq_len']} x {r['micro_batch']} | "
             f"{r['argument_gib']:.2f} | {r['output_gib']:.2f} | {r['alias_gib']:.2f} | {r['temp_gib']:.2f} | "
             f"**{r['total_gib']:.2f}** | {ratio} | {fits} | {r['compile_s']:.1f} |"
-            + (f" {r['peak_gib']:.2f} |" if peak else "")
+            + ((f" {r['peak_gib']:.2f} |" if r.get("peak_gib") else " n/a |") if peak else "")
         )
     return "\n".join(lines)
 

@@ -321,7 +321,7 @@ class RunConfig:
     dtype: str | None = None  # None: float32 on CPU, bfloat16 on GPU/TPU
     checkpoint_every: int = 50
     log_every: int = 10
-    mesh: str = "fsdp:-1"  # device mesh, axes data/fsdp/tensor (loraprune_jax.parallel.mesh)
+    mesh: str = "auto"  # device mesh "data:A,fsdp:B,tensor:C" (-1 fills); auto: fsdp over what the batch splits
     data_shards: int = 0  # training-data shards, one block of each batch each; 0: one per process
     lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
     prune: PruneConfig = dataclasses.field(default_factory=PruneConfig)

@@ -27,7 +27,6 @@ def tiny_overrides(root: Path, out: Path, **extra) -> list[str]:
         "out": out, "train.steps": 20, "train.seq_len": 32, "train.micro_batch_size": 2,
         "eval_seq_len": 32, "eval_max_windows": 6, "checkpoint_every": 5,
         "prune.prune_every": 4, "lora.rank": 2, "lora.dropout": 0.05,
-        "mesh": "fsdp:1",  # one of the 8 simulated devices; sharded runs are tested on purpose
     }
     opts.update(extra)
     return [f"{k}={v}" for k, v in opts.items()]

@@ -142,6 +142,15 @@ def _fixed_size(spec: str) -> int:
     return 0 if any(s < 1 for s in sizes) else math.prod(sizes)
 
 
+def auto_mesh_spec(micro_batch_size: int, num_devices: int | None = None) -> str:
+    """The mesh that ``mesh=auto`` means: FSDP over as many devices as the micro-batch splits
+    over evenly (all of them in a multi-process job, where every process must take part)."""
+    n = jax.device_count() if num_devices is None else num_devices
+    if jax.process_count() > 1:
+        return "fsdp:-1"
+    return f"fsdp:{math.gcd(n, micro_batch_size)}"
+
+
 def mesh_sizes(mesh: Mesh) -> dict[str, int]:
     """Axis name -> size."""
     return dict(zip(mesh.axis_names, mesh.devices.shape))

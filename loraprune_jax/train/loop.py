@@ -31,6 +31,7 @@ from ..models.lora import init_lora
 from ..parallel import distributed
 from ..parallel.mesh import (
     ShardingError,
+    auto_mesh_spec,
     batch_sharding,
     check_batch,
     describe,
@@ -95,8 +96,12 @@ class PreparedRun:
     def __init__(self, cfg: RunConfig, log: Callable[[str], None]) -> None:
         self.cfg = cfg
         t = cfg.train
-        self.mesh = make_mesh(cfg.mesh)
+        spec = auto_mesh_spec(t.micro_batch_size) if cfg.mesh == "auto" else cfg.mesh
+        self.mesh = make_mesh(spec)
         check_batch(t.micro_batch_size, self.mesh)
+        if cfg.mesh == "auto" and self.mesh.size < jax.device_count():
+            log(f"mesh auto: {describe(self.mesh)}, {self.mesh.size} of {jax.device_count()} "
+                f"devices (train.micro_batch_size={t.micro_batch_size} splits over no more)")
         t0 = time.perf_counter()
         self.config, host, self.tokenizer = load_model(
             cfg.model, dtype=cfg.dtype or default_dtype(), as_numpy=True
