@@ -143,3 +143,16 @@ def test_load_texts_dispatch(tmp_path):
     empty.mkdir()
     with pytest.raises(FileNotFoundError, match="no .txt files"):
         load_texts(empty)
+
+
+def test_load_texts_shards_split_the_documents(tmp_path):
+    d = tmp_path / "docs"
+    d.mkdir()
+    for i in range(5):
+        (d / f"{i}.txt").write_text(f"document {i}")
+    shards = [list(load_texts(d, shard=(i, 2))) for i in range(2)]
+    assert shards == [["document 0", "document 2", "document 4"], ["document 1", "document 3"]]
+    with pytest.raises(ValueError, match="bad data shard 2 of 2"):
+        load_texts(d, shard=(2, 2))
+    with pytest.raises(ValueError, match="set data_shards=1"):
+        load_texts("lee", shard=(0, 2))

@@ -100,3 +100,23 @@ def test_parse_tfds_spec_edge_cases():
         parse_tfds_spec("mnist:train")
     with pytest.raises(ValueError):
         parse_tfds_spec("tfds::train")
+
+
+def test_shard_reads_only_its_records(data_dir, monkeypatch):
+    """A process of a multi-host job asks for its share, and only those records are read."""
+    from loraprune_jax.data.tfds_source import TfdsTextSource
+
+    read: list[int] = []
+    original = TfdsTextSource.__getitems__
+
+    def spy(self, keys):
+        keys = list(keys)
+        read.extend(keys)
+        return original(self, keys)
+
+    monkeypatch.setattr(TfdsTextSource, "__getitems__", spy)
+    got = load_texts("tfds:loraprune_tiny_text", data_dir=data_dir, shard=(1, 2))
+    assert list(got) == TRAIN[1::2]
+    assert sorted(read) == [1, 3]
+    with pytest.raises(ValueError, match="fewer than the 6 data shards"):
+        load_texts("tfds:loraprune_tiny_text", data_dir=data_dir, shard=(0, 6))

@@ -333,15 +333,19 @@ def run_prune(
     train_seconds = time.perf_counter() - train_start
 
     # Slice and merge on the host (numpy), then place the smaller model on the mesh to evaluate.
+    t0 = time.perf_counter()
     lora, host_masks = host_tree(state["lora"]), host_tree(masks)
     small, small_cfg = slice_and_merge(run.host_base, lora, host_masks, config, cfg.lora)
+    log(f"sliced and merged on the host in {time.perf_counter() - t0:.1f}s")
     after = run.evaluate(shard_base(small, small_cfg, mesh, stacked=False), small_cfg,
                          progress and primary, "after")
     for spec, r in after.items():
         log(f"after: {spec} ppl {r['ppl']:.3f} (before {before[spec]['ppl']:.3f})")
     if primary:
+        t0 = time.perf_counter()
         export_hf(out / "model", small_cfg, small, run.tokenizer, overwrite=resume)
         save_adapters(out / "adapters", lora, host_masks, cfg.lora, config, overwrite=resume)
+        log(f"exported the pruned model and the adapters in {time.perf_counter() - t0:.1f}s")
     heads, kv_heads, ffn = masked_widths(config, host_masks)
     params_before = count_params(run.host_base)
     params_after = count_params(small)
