@@ -255,8 +255,9 @@ def execute(jax: Any, jnp: Any, compiled: Any, state: Any, base: Any, masks: Any
 
 def markdown(rows: list[dict[str, Any]]) -> str:
     peak = any("peak_gib" in r for r in rows)
-    head = ("| model | params (B) | mesh | devices | criterion | remat | seq x batch | args GiB | out GiB "
-            "| alias GiB | temp GiB | total GiB/device | lora vs vanilla | fits | compile s |")
+    head = ("| model | params (B) | mesh | devices | criterion | remat | seq x global batch | args GiB "
+            "| out GiB | alias GiB | temp GiB | total GiB/device | lora vs vanilla | fits (v5e 16, v4 32 GiB) "
+            "| compile s |")
     lines = [head + (" peak GiB |" if peak else ""),
              "| --- | ---: | --- | ---: | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |"
              + (" ---: |" if peak else "")]

@@ -138,3 +138,20 @@ def test_other_criteria_give_group_scores(criterion):
         other = {"tokens": batch["tokens"][:, :, ::-1].copy()}
         s2, _ = step(init_state(lora, masks, tc), base, masks, other, jax.random.PRNGKey(0))
         np.testing.assert_allclose(s2["scores"]["layers"]["mlp"], s["mlp"], rtol=1e-6)
+
+
+def test_vanilla_keeps_bf16_weight_gradients_in_bf16():
+    """The full-size weight gradients of ``vanilla`` stay in the weights' dtype: clipping them
+    must not promote a bf16 model's gradients to a float32 copy (twice the memory)."""
+    cfg, base, lora, masks, tc, batch = setup(stacked=True)
+    base = jax.tree.map(lambda x: x.astype(jnp.bfloat16), base)
+    step = make_train_step(cfg, LC, tc, PruneConfig(criterion="vanilla"), jit=False)
+    jaxpr = jax.make_jaxpr(step)(init_state(lora, masks, tc), base, masks, batch,
+                                 jax.random.PRNGKey(0))
+    stacked = {tuple(x.shape) for x in jax.tree.leaves(base["layers"]) if x.ndim == 3}
+
+    # The step's top level is where the clipped gradients of the whole stack live.
+    f32_stacked = [(eqn.primitive.name, v.aval.shape) for eqn in jaxpr.jaxpr.eqns
+                   for v in eqn.outvars
+                   if v.aval.dtype == jnp.float32 and tuple(v.aval.shape) in stacked]
+    assert not f32_stacked

@@ -155,8 +155,8 @@ def make_train_step(
         grad_norm = optax.tree.norm(lora_grads)
         clip = jnp.minimum(1.0, train_cfg.clip_norm / (grad_norm + 1e-6))
         lora_grads = jax.tree.map(lambda g: g * clip, lora_grads)
-        if weight_grads is not None:
-            weight_grads = jax.tree.map(lambda g: g * clip, weight_grads)
+        if weight_grads is not None:  # kept in the weights' dtype: no f32 copy of a bf16 model
+            weight_grads = jax.tree.map(lambda g: g * clip.astype(g.dtype), weight_grads)
 
         layers = base["layers"]
         n_layers = len(layers) if isinstance(layers, list) else layers["q"].shape[0]
