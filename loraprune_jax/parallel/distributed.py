@@ -12,8 +12,6 @@ import os
 
 import jax
 
-ENV_VARS = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
-
 
 def wants_distributed() -> bool:
     """Whether the environment names a coordinator (so :func:`initialize` should run)."""
