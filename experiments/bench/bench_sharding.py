@@ -1,8 +1,8 @@
 """The train step of the bundled SmolLM2-135M on one CPU device against the same step sharded over
 8 simulated CPU devices, side by side in one process.
 
-    .venv/bin/python experiments/bench_sharding.py                      # fsdp:8 and data:8, ~5 min
-    .venv/bin/python experiments/bench_sharding.py --meshes fsdp:8 data:2,fsdp:4 --rounds 5
+    .venv/bin/python experiments/bench/bench_sharding.py                      # fsdp:8 and data:8, ~5 min
+    .venv/bin/python experiments/bench/bench_sharding.py --meshes fsdp:8 data:2,fsdp:4 --rounds 5
 
 Variants: `make_train_step(..., mesh=None)` on one device, and the step compiled for each mesh
 (base placed by `parallel.mesh.shard_base`, LoRA / optimizer state / masks replicated, the batch

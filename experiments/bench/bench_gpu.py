@@ -1,6 +1,6 @@
 """The train step on one accelerator at LLaMA-7B size: `lora` against `vanilla`, side by side.
 
-    python experiments/bench_gpu.py --model llama-7b --batch 2 --seq-len 512 --steps 5
+    python experiments/bench/bench_gpu.py --model llama-7b --batch 2 --seq-len 512 --steps 5
 
 Random bf16 weights of the real shapes are created on the device (no checkpoint needed), the
 step is compiled for a one-device mesh exactly as `loraprune-jax prune` compiles it, and the two

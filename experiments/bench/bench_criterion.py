@@ -1,7 +1,7 @@
 """Cost of the importance criterion: `lora` (LoRA gradients only) against `vanilla` (true
 gradients of the frozen weights), side by side in one process, on the same model and batch.
 
-    python experiments/bench_criterion.py --batch 1 --seq-len 128 --steps 5
+    python experiments/bench/bench_criterion.py --batch 1 --seq-len 128 --steps 5
 
 Reports the compiled step's memory (XLA's memory analysis of the executable: temporaries plus
 arguments and outputs) and the median step time, timed in alternation so machine noise hits both.
