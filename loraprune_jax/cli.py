@@ -1,4 +1,5 @@
-"""The ``loraprune-jax`` command line: ``prune``, ``eval`` (perplexity) and ``demo`` (the main job)."""
+"""The ``loraprune-jax`` command line: ``prune``, ``eval`` (perplexity), ``zeroshot``
+(lm-evaluation-harness tasks), ``generate`` (text, KV cache) and ``demo`` (the main job)."""
 
 from __future__ import annotations
 
@@ -187,6 +188,11 @@ def build_parser() -> argparse.ArgumentParser:
                          "jax.distributed.initialize() first (automatic when "
                          "JAX_COORDINATOR_ADDRESS is set)")
     pr.set_defaults(func=cmd_prune)
+
+    from .eval import generate, zeroshot
+
+    zeroshot.add_parser(sub)  # loraprune-jax zeroshot --model ... --tasks ...
+    generate.add_parser(sub)  # loraprune-jax generate --model ... --prompt ...
 
     demo = sub.add_parser("demo", help="the main job: prune the bundled SmolLM2 on bundled text")
     demo.add_argument("overrides", nargs="*", metavar="key=value", help="as for prune")

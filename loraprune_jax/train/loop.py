@@ -381,14 +381,15 @@ def run_prune(
 
 
 def plot_history(history: list[dict[str, Any]], path: Path, title: str) -> None:
-    """Loss and pruned fraction against steps, as a PNG."""
-    import matplotlib
+    """Loss and pruned fraction against steps, as a PNG.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    Drawn on a bare ``Figure`` (no pyplot), so the caller's matplotlib backend, a notebook's
+    inline one for instance, is left alone."""
+    from matplotlib.figure import Figure
 
     steps = [h["step"] for h in history]
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
     ax.plot(steps, [h["loss"] for h in history], color="tab:blue", lw=1)
     ax.set_xlabel("step")
     ax.set_ylabel("training loss", color="tab:blue")
@@ -405,5 +406,4 @@ def plot_history(history: list[dict[str, Any]], path: Path, title: str) -> None:
     fig.tight_layout()
     tmp = path.with_name(path.name + ".tmp.png")
     fig.savefig(tmp, dpi=100)
-    plt.close(fig)
     os.replace(tmp, path)
