@@ -23,8 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..config import LlamaConfig, LoraConfig
-from ..pruning.groups import expand_unit_mask
-from .llama import apply_rope, logits_from_hidden, rms_norm, rope_tables
+from .llama import attention_inputs, logits_from_hidden, mlp, rms_norm, rope_tables
 from .lora import lora_linear
 
 Array = jax.Array
@@ -103,29 +102,18 @@ def _cached_block(x, layer, adapters, mask, ck, cv, cos, sin, cache_ok, new_ok, 
     kv_heads = layer["k"].shape[-1] // hd
     b, t, _ = x.shape
 
-    def proj(name: str, inp: Array) -> Array:
+    def proj(name: str, inp: Array, key: Array | None = None) -> Array:
         return lora_linear(inp, layer[name], adapters.get(name) if adapters else None, scale)
 
     k = v = jnp.zeros((b, t, kv_heads, hd), ck.dtype)
     if heads > 0:
-        h = rms_norm(x, layer["attn_norm"], config.rms_norm_eps)
-        q, k, v = proj("q", h), proj("k", h), proj("v", h)
-        if mask is not None:
-            cols = expand_unit_mask(mask["attn"].astype(q.dtype), heads, kv_heads, hd)
-            q, k, v = q * cols["q"], k * cols["k"], v * cols["v"]
-        q = apply_rope(q.reshape(b, t, heads, hd), cos, sin)
-        k = apply_rope(k.reshape(b, t, kv_heads, hd), cos, sin).astype(ck.dtype)
-        v = v.reshape(b, t, kv_heads, hd).astype(cv.dtype)
+        _, q, k, v = attention_inputs(x, layer, mask, cos, sin, config, proj)
+        k, v = k.astype(ck.dtype), v.astype(cv.dtype)
         attn = _cached_attention(q, k.astype(q.dtype), v.astype(q.dtype), ck.astype(q.dtype),
                                  cv.astype(q.dtype), cache_ok, new_ok)
         x = x + proj("o", attn)
     if layer["gate"].shape[-1] > 0:
-        h = rms_norm(x, layer["mlp_norm"], config.rms_norm_eps)
-        g, u = proj("gate", h), proj("up", h)
-        if mask is not None:
-            m = mask["mlp"].astype(g.dtype)
-            g, u = g * m, u * m
-        x = x + proj("down", jax.nn.silu(g) * u)
+        x = mlp(x, layer, mask, config, proj)[0]
     return x, k, v
 
 

@@ -17,7 +17,7 @@ Base tree (kernels in Flax layout ``(in, out)``)::
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -80,6 +80,50 @@ def _sq_sum(x: Array) -> Array:
     return jnp.sum(x * x, axis=tuple(range(x.ndim - 1)))
 
 
+def attention_inputs(
+    x: Array,
+    layer: dict[str, Array],
+    mask: dict[str, Array] | None,
+    cos: Array,
+    sin: Array,
+    config: LlamaConfig,
+    proj: Callable[[str, Array, Array | None], Array],
+    keys: Sequence[Array | None] = (None, None, None),
+) -> tuple[Array, Array, Array, Array]:
+    """The attention half's inputs: normed ``h`` and masked q, k (after RoPE) and v, split into
+    heads; shared by the full forward pass and the KV-cache decoder."""
+    hd = config.head_dim
+    heads, kv_heads = layer["q"].shape[-1] // hd, layer["k"].shape[-1] // hd
+    b, t, _ = x.shape
+    h = rms_norm(x, layer["attn_norm"], config.rms_norm_eps)
+    q, k, v = proj("q", h, keys[0]), proj("k", h, keys[1]), proj("v", h, keys[2])
+    if mask is not None:
+        cols = expand_unit_mask(mask["attn"].astype(q.dtype), heads, kv_heads, hd)
+        q, k, v = q * cols["q"], k * cols["k"], v * cols["v"]
+    q = apply_rope(q.reshape(b, t, heads, hd), cos, sin)
+    k = apply_rope(k.reshape(b, t, kv_heads, hd), cos, sin)
+    return h, q, k, v.reshape(b, t, kv_heads, hd)
+
+
+def mlp(
+    x: Array,
+    layer: dict[str, Array],
+    mask: dict[str, Array] | None,
+    config: LlamaConfig,
+    proj: Callable[[str, Array, Array | None], Array],
+    keys: Sequence[Array | None] = (None, None, None),
+) -> tuple[Array, Array, Array]:
+    """The MLP half with its residual: ``(x + down(silu(gate) * up), normed input, activation)``,
+    the masks gating gate and up; shared by the forward pass and the KV-cache decoder."""
+    h = rms_norm(x, layer["mlp_norm"], config.rms_norm_eps)
+    g, u = proj("gate", h, keys[0]), proj("up", h, keys[1])
+    if mask is not None:
+        m = mask["mlp"].astype(g.dtype)
+        g, u = g * m, u * m
+    act = jax.nn.silu(g) * u
+    return x + proj("down", act, keys[2]), h, act
+
+
 def _block(
     x: Array,
     layer: dict[str, Array],
@@ -93,9 +137,7 @@ def _block(
     key: Array | None,
     collect: bool = False,
 ) -> tuple[Array, dict[str, Array]]:
-    hd = config.head_dim
-    heads = layer["q"].shape[-1] // hd
-    kv_heads = layer["k"].shape[-1] // hd
+    heads = layer["q"].shape[-1] // config.head_dim
     keys = list(jax.random.split(key, 7)) if key is not None else [None] * 7
     stats: dict[str, Array] = {}
 
@@ -103,16 +145,9 @@ def _block(
         pair = adapters.get(name) if adapters else None
         return lora_linear(inp, layer[name], pair, scale, dropout, k)
 
-    b, t, _ = x.shape
     if heads > 0:
-        h = rms_norm(x, layer["attn_norm"], config.rms_norm_eps)
-        q, k, v = proj("q", h, keys[0]), proj("k", h, keys[1]), proj("v", h, keys[2])
-        if mask is not None:
-            cols = expand_unit_mask(mask["attn"].astype(q.dtype), heads, kv_heads, hd)
-            q, k, v = q * cols["q"], k * cols["k"], v * cols["v"]
-        q = apply_rope(q.reshape(b, t, heads, hd), cos, sin)
-        k = apply_rope(k.reshape(b, t, kv_heads, hd), cos, sin)
-        attn = causal_attention(q, k, v.reshape(b, t, kv_heads, hd))
+        h, q, k, v = attention_inputs(x, layer, mask, cos, sin, config, proj, keys[:3])
+        attn = causal_attention(q, k, v)
         x = x + proj("o", attn, keys[3])
         if collect:
             stats["attn_in"], stats["o_in"] = _sq_sum(h), _sq_sum(attn)
@@ -120,13 +155,7 @@ def _block(
         stats["attn_in"] = jnp.zeros((x.shape[-1],), jnp.float32)
         stats["o_in"] = jnp.zeros((0,), jnp.float32)
     if layer["gate"].shape[-1] > 0:
-        h = rms_norm(x, layer["mlp_norm"], config.rms_norm_eps)
-        g, u = proj("gate", h, keys[4]), proj("up", h, keys[5])
-        if mask is not None:
-            m = mask["mlp"].astype(g.dtype)
-            g, u = g * m, u * m
-        act = jax.nn.silu(g) * u
-        x = x + proj("down", act, keys[6])
+        x, h, act = mlp(x, layer, mask, config, proj, keys[4:])
         if collect:
             stats["mlp_in"], stats["down_in"] = _sq_sum(h), _sq_sum(act)
     elif collect:
