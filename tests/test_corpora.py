@@ -156,3 +156,20 @@ def test_load_texts_shards_split_the_documents(tmp_path):
         load_texts(d, shard=(2, 2))
     with pytest.raises(ValueError, match="set data_shards=1"):
         load_texts("lee", shard=(0, 2))
+
+
+def test_wikitext_rows_rebuild_the_usual_text(tmp_path):
+    """Rows as Hugging Face's wikitext-2-raw-v1 has them; joined with blank lines they give the
+    pruning papers' perplexity text."""
+    raw = " \n = Valkyria Chronicles III = \n \n Senjō no Valkyria 3 : Unrecorded @-@ Chronicles .\n \n"
+    path = tmp_path / "wiki.test.raw"
+    path.write_bytes(raw.encode("utf-8"))
+    rows = load_texts(f"wikitext:{path}")
+    assert rows == ["", " = Valkyria Chronicles III = \n", "",
+                    " Senjō no Valkyria 3 : Unrecorded @-@ Chronicles .\n", ""]
+    assert "\n\n".join(rows) == (
+        "\n\n = Valkyria Chronicles III = \n\n\n\n\n"
+        " Senjō no Valkyria 3 : Unrecorded @-@ Chronicles .\n\n\n")
+    (tmp_path / "empty.raw").write_text("")
+    with pytest.raises(ValueError, match="empty WikiText file"):
+        load_texts(f"wikitext:{tmp_path / 'empty.raw'}")

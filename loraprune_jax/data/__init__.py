@@ -13,6 +13,7 @@ from loraprune_jax.data.corpora import (
     load_texts,
     text_dir,
     text_file,
+    wikitext_rows,
     wiki_articles,
     wiki_documents,
 )
@@ -43,6 +44,7 @@ __all__ = [
     "parse_tfds_spec",
     "text_dir",
     "text_file",
+    "wikitext_rows",
     "tfds_texts",
     "tokenize_join",
     "wiki_articles",

@@ -188,6 +188,24 @@ def text_dir(path: str | os.PathLike) -> list[str]:
     return [text_file(p) for p in files]
 
 
+def wikitext_rows(path: str | os.PathLike) -> list[str]:
+    """The rows of a raw WikiText file (``wiki.test.raw``) as Hugging Face's ``wikitext-2-raw-v1``
+    has them: one per line, the trailing newline kept, whitespace-only lines as ``""``.
+
+    Joined with ``"\n\n"`` (what :func:`~loraprune_jax.data.packing.tokenize_join` does) they
+    give the text of the usual pruning-paper perplexity protocol (SparseGPT, Wanda, LLM-Pruner).
+    """
+    path = os.fspath(path)
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            lines = f.read().splitlines(keepends=True)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e})") from None
+    if not lines:
+        raise ValueError(f"{path}: empty WikiText file")
+    return [line if line.strip() else "" for line in lines]
+
+
 _NAMED = ("default", "wiki", "lee")
 
 
@@ -211,7 +229,8 @@ def load_texts(
     * a ``.txt`` / ``.raw`` file (one document), a ``.jsonl`` file (``field`` of every line), or a
       directory of ``.txt`` files (sorted, one document each);
     * ``"tfds:NAME[:SPLIT]"``: a prepared tensorflow-datasets dataset in array_record format, read
-      lazily with random access (``data_dir``: its tfds data dir; ``SPLIT`` defaults to ``split``).
+      lazily with random access (``data_dir``: its tfds data dir; ``SPLIT`` defaults to ``split``);
+    * ``"wikitext:PATH"``: a raw WikiText file as its Hugging Face rows (:func:`wikitext_rows`).
     """
     docs = _load_all(spec, split, field, data_dir)
     if shard is None:
@@ -232,6 +251,8 @@ def _load_all(
     spec: str | os.PathLike, split: str, field: str, data_dir: str | os.PathLike | None
 ) -> Sequence[str]:
     s = os.fspath(spec)
+    if s.startswith("wikitext:"):
+        return wikitext_rows(s[len("wikitext:"):])
     if s.startswith("tfds:"):
         from loraprune_jax.data.tfds_source import parse_tfds_spec, tfds_texts
 
