@@ -20,6 +20,24 @@ from loraprune_jax.config import CRITERIA
 from loraprune_jax.train.loop import METRICS_FILE, run_prune
 
 
+def ensure_runs(
+    ratios: list[float], criteria: list[str], root: Path, overrides: list[str]
+) -> list[tuple[str, float, Path, dict]]:
+    """``(criterion, ratio, run directory, metrics)`` of every run, pruning those not finished
+    under ``root`` (``root/<criterion>-<ratio>``) with the same ``key=value`` overrides."""
+    out_rows = []
+    for ratio in ratios:
+        for criterion in criteria:
+            out = root / f"{criterion}-{ratio:g}"
+            if not (out / METRICS_FILE).exists():
+                cfg = build_run_config(None, [*overrides, f"prune.ratio={ratio}",
+                                              f"prune.criterion={criterion}", f"out={out}"])
+                print(f"== {criterion} {ratio:g} -> {out}", file=sys.stderr, flush=True)
+                run_prune(cfg, progress=False, log=lambda m: print(m, file=sys.stderr, flush=True))
+            out_rows.append((criterion, ratio, out, json.loads((out / METRICS_FILE).read_text())))
+    return out_rows
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.5])
@@ -27,17 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="experiments/runs/table")
     ap.add_argument("overrides", nargs="*", metavar="key=value", help="applied to every run")
     args = ap.parse_args(argv)
+    rows = [m for *_, m in ensure_runs(args.ratios, args.criteria, Path(args.out), args.overrides)]
     root = Path(args.out)
-    rows = []
-    for ratio in args.ratios:
-        for criterion in args.criteria:
-            out = root / f"{criterion}-{ratio:g}"
-            if not (out / METRICS_FILE).exists():
-                cfg = build_run_config(None, [*args.overrides, f"prune.ratio={ratio}",
-                                              f"prune.criterion={criterion}", f"out={out}"])
-                print(f"== {criterion} {ratio:g} -> {out}", file=sys.stderr, flush=True)
-                run_prune(cfg, progress=False, log=lambda m: print(m, file=sys.stderr, flush=True))
-            rows.append(json.loads((out / METRICS_FILE).read_text()))
     texts = list(rows[0]["ppl_before"])
     lines = [
         "| ratio | criterion | " + " | ".join(f"ppl {t}" for t in texts) + " | params kept | train s |",
