@@ -90,6 +90,18 @@ usage_error() {
   die "$@"
 }
 
+# For scripts that take no arguments (their settings are environment variables): -h or --help
+# prints the script's usage, anything else is a usage error.
+no_arguments() {
+  if (($#)); then
+    if [[ $1 == -h || $1 == --help ]]; then
+      usage
+      exit 0
+    fi
+    usage_error "takes no arguments (settings are environment variables)"
+  fi
+}
+
 # require VAR...: a usage error naming every listed variable that is empty.
 require() {
   local var missing=()

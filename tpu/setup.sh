@@ -26,13 +26,7 @@ case ${BASH_SOURCE[0]} in */*) here="${BASH_SOURCE[0]%/*}" ;; *) here=. ;; esac
 # shellcheck source=SCRIPTDIR/config.sh
 source "$here/config.sh"
 
-if (($#)); then
-  if [[ $1 == -h || $1 == --help ]]; then
-    usage
-    exit 0
-  fi
-  usage_error "takes no arguments (settings are environment variables)"
-fi
+no_arguments "$@"
 require TPU_NAME ZONE
 if [[ -n $REPO_URL && -n $LOCAL_REPO ]]; then
   usage_error "set REPO_URL or LOCAL_REPO, not both"
