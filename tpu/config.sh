@@ -90,14 +90,19 @@ usage_error() {
   die "$@"
 }
 
+# -h or --help as the first argument prints the calling script's usage and ends it.
+help_if_asked() {
+  if [[ ${1:-} == -h || ${1:-} == --help ]]; then
+    usage
+    exit 0
+  fi
+}
+
 # For scripts that take no arguments (their settings are environment variables): -h or --help
 # prints the script's usage, anything else is a usage error.
 no_arguments() {
+  help_if_asked "$@"
   if (($#)); then
-    if [[ $1 == -h || $1 == --help ]]; then
-      usage
-      exit 0
-    fi
     usage_error "takes no arguments (settings are environment variables)"
   fi
 }

@@ -24,10 +24,7 @@ case ${BASH_SOURCE[0]} in */*) here="${BASH_SOURCE[0]%/*}" ;; *) here=. ;; esac
 # shellcheck source=SCRIPTDIR/config.sh
 source "$here/config.sh"
 
-if [[ ${1:-} == -h || ${1:-} == --help ]]; then
-  usage
-  exit 0
-fi
+help_if_asked "$@"
 (($# == 1 || $# == 2)) || usage_error "expected SRC [DEST], got $# argument(s)"
 require TPU_NAME ZONE
 

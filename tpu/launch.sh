@@ -29,10 +29,7 @@ case ${BASH_SOURCE[0]} in */*) here="${BASH_SOURCE[0]%/*}" ;; *) here=. ;; esac
 # shellcheck source=SCRIPTDIR/config.sh
 source "$here/config.sh"
 
-if [[ ${1:-} == -h || ${1:-} == --help ]]; then
-  usage
-  exit 0
-fi
+help_if_asked "$@"
 (($#)) || usage_error "no arguments: give the prune arguments (key=value ...) or --resume OUT_DIR"
 require TPU_NAME ZONE
 

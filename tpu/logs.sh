@@ -18,10 +18,7 @@ case ${BASH_SOURCE[0]} in */*) here="${BASH_SOURCE[0]%/*}" ;; *) here=. ;; esac
 # shellcheck source=SCRIPTDIR/config.sh
 source "$here/config.sh"
 
-if [[ ${1:-} == -h || ${1:-} == --help ]]; then
-  usage
-  exit 0
-fi
+help_if_asked "$@"
 (($# <= 1)) || usage_error "expected at most one argument (a worker number or all), got $#"
 worker="${1:-0}"
 [[ $worker =~ ^([0-9]+|all)$ ]] || usage_error "WORKER must be a number (0, 1, ...) or all, got '$worker'"
