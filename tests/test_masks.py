@@ -276,3 +276,18 @@ def test_errors():
         update_masks(masks, bad, 0.5)
     with pytest.raises(ValueError, match="layers"):
         update_masks(masks, ones_tree(3, 4, 6), 0.5)
+
+
+def test_update_masks_any_declared_kinds():
+    """A CNN-style tree of one "channels" kind per layer is ranked like LLaMA's kinds."""
+    masks = {"layers": [{"channels": np.ones(4, np.float32)}, {"channels": np.ones(6, np.float32)}]}
+    scores = {"layers": [{"channels": np.array([4.0, 1, 3, 2])}, {"channels": np.arange(6.0)[::-1]}]}
+    new = update_masks(masks, scores, 0.5)
+    np.testing.assert_array_equal(new["layers"][0]["channels"], [1, 0, 1, 0])
+    np.testing.assert_array_equal(new["layers"][1]["channels"], [1, 1, 1, 0, 0, 0])
+    stats = mask_stats(new)
+    assert stats["channels_kept"] == [2, 3] and stats["channels_kept_fraction"] == 0.5
+    with pytest.raises(ValueError, match="group kinds"):
+        update_masks(masks, {"layers": [{"attn": np.ones(4)}, {"attn": np.ones(6)}]}, 0.5)
+    with pytest.raises(ValueError, match="has kinds"):
+        update_masks({"layers": [{"channels": np.ones(4)}, {"other": np.ones(6)}]}, scores, 0.5)

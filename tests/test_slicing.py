@@ -181,3 +181,77 @@ def test_lora_without_config_raises():
     cfg, base, lora = setup("gqa", num_layers=3)
     with pytest.raises(ValueError, match="lora_cfg"):
         slice_and_merge(base, lora, None, cfg)
+
+
+# Any declared model ----------------------------------------------------------------------
+from loraprune_jax.pruning.groups import Coupling, GroupKind  # noqa: E402
+from loraprune_jax.pruning.slicing import kept_groups, merge_pairs, slice_declared, slice_params  # noqa: E402
+
+
+def _toy(seed=0):
+    """A two-block MLP with biases and a conv-shaped (HWIO) first weight, LoRA on both kernels."""
+    k = jax.random.split(jax.random.PRNGKey(seed), 8)
+    params = {"blocks": [{"w": jax.random.normal(k[0], (1, 1, 5, 6)), "b": jax.random.normal(k[1], (6,))},
+                         {"w": jax.random.normal(k[2], (6, 8)), "b": jax.random.normal(k[3], (8,))}],
+              "head": jax.random.normal(k[4], (8, 3))}
+    lora = {"blocks": [{"w": {"a": jax.random.normal(k[5], (1, 1, 5, 2)), "b": jax.random.normal(k[6], (2, 6))}},
+                       {"w": {"a": jax.random.normal(k[7], (6, 2)), "b": jnp.ones((2, 8))}}]}
+    decl = [{"h": GroupKind(3, (Coupling(("blocks", 0, "w"), 3, 2), Coupling(("blocks", 0, "b"), 0, 2),
+                                Coupling(("blocks", 1, "w"), 0, 2)))},
+            {"h": GroupKind(8, (Coupling(("blocks", 1, "w"), -1), Coupling(("blocks", 1, "b"), 0),
+                                Coupling(("head",), 0)))}]
+    return params, lora, decl
+
+
+def _toy_forward(params, x, lora=None, masks=None, scale=0.5):
+    h = x[:, None, None, :]
+    for i, blk in enumerate(params["blocks"]):
+        w = blk["w"]
+        if lora is not None:
+            w = w + scale * (lora["blocks"][i]["w"]["a"] @ lora["blocks"][i]["w"]["b"])
+        h = jax.nn.relu(h @ w.reshape(-1, w.shape[-1]) + blk["b"]) if i else \
+            jax.nn.relu(jnp.einsum("bhwi,xyio->bhwo", h, w) + blk["b"])[:, 0, 0, :]
+        if masks is not None:
+            m = masks["layers"][i]["h"]
+            h = h * jnp.repeat(m, h.shape[-1] // m.shape[0])
+    return h @ params["head"]
+
+
+def test_declared_masked_equals_sliced():
+    params, lora, decl = _toy()
+    masks = {"layers": [{"h": jnp.array([1.0, 0.0, 1.0])}, {"h": jnp.array([0, 1, 1, 0, 1, 1, 1, 0.0])}]}
+    x = jax.random.normal(jax.random.PRNGKey(9), (4, 5))
+    small = slice_declared(params, lora, masks, decl, scale=0.5)
+    assert small["blocks"][0]["w"].shape == (1, 1, 5, 4) and small["blocks"][1]["w"].shape == (4, 5)
+    assert small["head"].shape == (5, 3) and small["blocks"][1]["b"].shape == (5,)
+    np.testing.assert_allclose(_toy_forward(small, x), _toy_forward(params, x, lora, masks), rtol=1e-5,
+                               atol=1e-5)
+    assert params["blocks"][0]["w"].shape == (1, 1, 5, 6)  # inputs untouched
+
+
+def test_slice_params_moves_lora_with_the_weight_and_stays_numpy():
+    params, lora, decl = _toy()
+    params, lora = jax.tree.map(np.asarray, params), jax.tree.map(np.asarray, lora)
+    kept = [{"h": np.array([0, 2])}, {"h": np.array([1, 4])}]
+    sliced, sliced_lora = slice_params(params, decl, kept, lora)
+    np.testing.assert_array_equal(sliced_lora["blocks"][0]["w"]["b"], lora["blocks"][0]["w"]["b"][:, [0, 1, 4, 5]])
+    np.testing.assert_array_equal(sliced_lora["blocks"][0]["w"]["a"], lora["blocks"][0]["w"]["a"])
+    np.testing.assert_array_equal(sliced_lora["blocks"][1]["w"]["a"], lora["blocks"][1]["w"]["a"][[0, 1, 4, 5]])
+    np.testing.assert_array_equal(sliced_lora["blocks"][1]["w"]["b"], lora["blocks"][1]["w"]["b"][:, [1, 4]])
+    merged = merge_pairs(sliced, sliced_lora, 2.0)
+    assert isinstance(merged["blocks"][1]["w"], np.ndarray)
+    np.testing.assert_allclose(merged["blocks"][1]["w"], sliced["blocks"][1]["w"] + 2.0 * (
+        sliced_lora["blocks"][1]["w"]["a"] @ sliced_lora["blocks"][1]["w"]["b"]), rtol=1e-6)
+
+
+def test_declared_slicing_errors():
+    params, lora, decl = _toy()
+    with pytest.raises(ValueError, match="exactly 0 or 1"):
+        kept_groups({"layers": [{"h": jnp.array([1.0, 0.5, 1.0])}, {"h": jnp.ones(8)}]}, decl)
+    with pytest.raises(ValueError, match="expected shape"):
+        kept_groups({"layers": [{"h": jnp.ones(4)}, {"h": jnp.ones(8)}]}, decl)
+    with pytest.raises(ValueError, match="lacks the group kinds"):
+        kept_groups({"layers": [{"x": jnp.ones(3)}, {"h": jnp.ones(8)}]}, decl)
+    bad = [{"h": GroupKind(4, decl[0]["h"].couplings)}, decl[1]]
+    with pytest.raises(ValueError, match="the declaration 4 x 2"):
+        slice_params(params, bad, [{"h": np.arange(4)}, {"h": np.arange(8)}])

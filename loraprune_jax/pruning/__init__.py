@@ -1,7 +1,17 @@
 """Structured pruning: groups, importance, criteria, schedules, mask updates, slicing."""
 
 from .criteria import layer_scores, merged_weight
-from .groups import expand_unit_mask, init_masks, num_units
+from .groups import (
+    Coupling,
+    GroupKind,
+    declared_masks,
+    expand_unit_mask,
+    group_scores,
+    init_masks,
+    llama_declaration,
+    llama_groups,
+    num_units,
+)
 from .importance import (
     block_scores,
     ema_update,
@@ -14,6 +24,7 @@ from .importance import (
 )
 from .masks import (
     excluded_layers,
+    kinds_of,
     mask_stats,
     masked_num_params,
     masked_widths,
@@ -21,32 +32,51 @@ from .masks import (
     update_masks,
 )
 from .schedule import OneShotSchedule, PruneSchedule, Schedule
-from .slicing import count_params, kept_indices, slice_and_merge
+from .slicing import (
+    count_params,
+    kept_groups,
+    kept_indices,
+    merge_pairs,
+    slice_and_merge,
+    slice_declared,
+    slice_params,
+)
 
 __all__ = [
+    "Coupling",
+    "GroupKind",
     "OneShotSchedule",
     "PruneSchedule",
     "Schedule",
     "block_scores",
     "count_params",
+    "declared_masks",
     "ema_update",
     "estimate_weight_grad",
     "excluded_layers",
     "expand_unit_mask",
+    "group_scores",
     "init_masks",
+    "kept_groups",
     "kept_indices",
+    "kinds_of",
     "layer_group_scores",
     "layer_scores",
+    "llama_declaration",
+    "llama_groups",
     "lora_guided_importance",
     "lora_layer_scores",
     "mask_stats",
     "masked_num_params",
     "masked_widths",
+    "merge_pairs",
     "merged_weight",
     "normalize",
     "num_to_prune",
     "num_units",
     "reduce_to_groups",
     "slice_and_merge",
+    "slice_declared",
+    "slice_params",
     "update_masks",
 ]

@@ -12,10 +12,10 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 
-from .groups import ATTN_IN, ATTN_OUT, MLP_IN, MLP_OUT
+from .groups import (ATTN_IN, ATTN_OUT, MLP_IN, MLP_OUT, Coupling, GroupKind, group_scores,
+                     normalize)
 
 Array = jax.Array
-EPS = 1e-8
 
 
 def estimate_weight_grad(a: Array, b: Array, grad_a: Array, grad_b: Array) -> Array:
@@ -41,12 +41,13 @@ def lora_guided_importance(
 ) -> Array:
     """Element importance ``|G_hat * (W + scale * A @ B)| ** power`` (``(in, out)``, float32).
 
-    ``power=1`` is the authors' code, ``power=2`` the paper's formula.
+    ``power=1`` is the authors' code, ``power=2`` the paper's formula. A conv kernel's pair
+    (``a: (kh, kw, in, r)``) broadcasts over the leading axes.
     """
     a, b = a.astype(jnp.float32), b.astype(jnp.float32)
     ga, gb = grad_a.astype(jnp.float32), grad_b.astype(jnp.float32)
     # estimate_weight_grad as one rank-2r product, a @ gb + ga @ (b - gb): fewer (in, out) passes
-    g = jnp.concatenate([a, ga], axis=1) @ jnp.concatenate([gb, b - gb], axis=0)
+    g = jnp.concatenate([a, ga], axis=-1) @ jnp.concatenate([gb, b - gb], axis=0)
     merged = w.astype(jnp.float32) + (scale * a) @ b
     s = jnp.abs(g * merged)
     return s if power == 1 else s**power
@@ -60,11 +61,6 @@ def reduce_to_groups(scores: Array, n_groups: int, axis: int) -> Array:
     """
     per_channel = jnp.sum(scores, axis=1 - axis)
     return per_channel.reshape(n_groups, -1).sum(axis=-1) if n_groups else per_channel[:0]
-
-
-def normalize(v: Array) -> Array:
-    """Divide a module's group-score vector by its L2 norm (+1e-8)."""
-    return v / (jnp.linalg.norm(v) + EPS)
 
 
 def block_scores(module_scores: Mapping[str, Array]) -> Array:
@@ -87,21 +83,20 @@ def module_axis(name: str) -> int:
 def layer_group_scores(
     element_scores: Mapping[str, Array], n_units: int, n_channels: int
 ) -> dict[str, Array]:
-    """Group scores of one layer from its modules' element scores.
+    """Group scores of one LLaMA layer from its modules' element scores (keyed by projection).
 
     Returns ``{"attn": (n_units,), "mlp": (n_channels,)}``; a block with no scored module gets
     zeros. For GQA an attention unit is a KV group: the q columns of its query heads and the
-    k/v columns of its KV head, so every module reduces to ``n_units`` groups.
+    k/v columns of its KV head, so every module reduces to ``n_units`` groups. This is
+    :func:`groups.group_scores` on LLaMA's couplings, with widths read off the scores.
     """
-    out = {}
+    kinds = {}
     for kind, names, n in (("attn", ATTN_OUT + ATTN_IN, n_units), ("mlp", MLP_OUT + MLP_IN, n_channels)):
-        per_module = {
-            name: reduce_to_groups(element_scores[name], n, module_axis(name))
-            for name in names
-            if name in element_scores
-        }
-        out[kind] = block_scores(per_module) if per_module else jnp.zeros((n,), jnp.float32)
-    return out
+        kinds[kind] = GroupKind(n, tuple(
+            Coupling((name,), module_axis(name),
+                     element_scores[name].shape[module_axis(name)] // n if n else 1)
+            for name in names if name in element_scores))
+    return group_scores({(name,): s for name, s in element_scores.items()}, kinds)
 
 
 def lora_layer_scores(

@@ -1,8 +1,8 @@
 """Mask rewrites between compiled phases: per-layer (uniform) or global ranking of group scores.
 
-Masks and scores share one structure, either a list of per-layer dicts
-``{"layers": [{"attn": (units,), "mlp": (ffn,)}, ...]}`` or the stacked form
-``{"layers": {"attn": (L, units), "mlp": (L, ffn)}}``. The vectors are tiny, so the ranking runs
+Masks and scores share one structure, either a list of per-layer dicts of group kinds
+(LLaMA: ``{"layers": [{"attn": (units,), "mlp": (ffn,)}, ...]}``; any declared kinds work, see
+``pruning.groups``) or the stacked form ``{"layers": {"attn": (L, units), "mlp": (L, ffn)}}``. The vectors are tiny, so the ranking runs
 in numpy on the host; the result keeps the input mask tree's structure, dtype, shape, array type
 and (for jax arrays) sharding and committed-ness, so a jitted step taking masks never recompiles.
 
@@ -23,7 +23,6 @@ import numpy as np
 
 from ..config import LlamaConfig
 
-KINDS = ("attn", "mlp")
 ALLOCATIONS = ("uniform", "global")
 _EPS = 1e-9
 
@@ -51,26 +50,38 @@ def excluded_layers(
 
 
 # Tree plumbing -----------------------------------------------------------------------------
+def kinds_of(tree: Any) -> tuple[str, ...]:
+    """The group kinds of a mask or score tree (the keys of its layer dicts, in order)."""
+    layers = tree["layers"]
+    if isinstance(layers, dict):
+        return tuple(layers)
+    return tuple(layers[0]) if len(layers) else ()
+
+
 def _layer_vectors(tree: Any, name: str) -> dict[str, list[np.ndarray]]:
     """Per kind, a list of per-layer numpy vectors from a list or stacked tree."""
     if not isinstance(tree, dict) or "layers" not in tree:
         raise ValueError(f"{name} must be a dict with a 'layers' entry")
     layers = tree["layers"]
+    if not isinstance(layers, (dict, list, tuple)):
+        raise ValueError(f"{name}['layers'] must be a list of dicts or a dict of stacked arrays")
+    kinds = kinds_of(tree)
     out: dict[str, list[np.ndarray]] = {}
     if isinstance(layers, dict):  # stacked
-        for kind in KINDS:
+        for kind in kinds:
             arr = np.asarray(layers[kind])
             if arr.ndim != 2:
                 raise ValueError(f"stacked {name}['layers'][{kind!r}] must be 2-D, got {arr.shape}")
             out[kind] = [arr[i] for i in range(arr.shape[0])]
-    elif isinstance(layers, (list, tuple)):
-        for kind in KINDS:
+    else:
+        for i, layer in enumerate(layers):
+            if tuple(layer) != kinds:
+                raise ValueError(f"{name} layer {i} has kinds {tuple(layer)}, layer 0 {kinds}")
+        for kind in kinds:
             out[kind] = [np.asarray(layer[kind]) for layer in layers]
             for i, v in enumerate(out[kind]):
                 if v.ndim != 1:
                     raise ValueError(f"{name} layer {i} {kind!r} must be 1-D, got {v.shape}")
-    else:
-        raise ValueError(f"{name}['layers'] must be a list of dicts or a dict of stacked arrays")
     return out
 
 
@@ -92,14 +103,14 @@ def _rebuild(masks: Any, new: dict[str, list[np.ndarray]]) -> dict[str, Any]:
     out = {k: v for k, v in masks.items() if k != "layers"}
     if isinstance(layers, dict):
         stacked = dict(layers)
-        for kind in KINDS:
+        for kind in new:
             stacked[kind] = _like(layers[kind], np.stack(new[kind]))
         out["layers"] = stacked
     else:
         rebuilt = []
         for i, layer in enumerate(layers):
             d = dict(layer)
-            for kind in KINDS:
+            for kind in new:
                 d[kind] = _like(layer[kind], new[kind][i])
             rebuilt.append(d)
         out["layers"] = type(layers)(rebuilt) if isinstance(layers, tuple) else rebuilt
@@ -188,9 +199,11 @@ def update_masks(
         raise ValueError(f"min_keep must be >= 0, got {min_keep}")
     m = _layer_vectors(masks, "masks")
     s = _layer_vectors(scores, "scores")
-    num_layers = len(m["attn"])
-    if len(s["attn"]) != num_layers:
-        raise ValueError(f"masks have {num_layers} layers, scores {len(s['attn'])}")
+    if set(m) != set(s):
+        raise ValueError(f"masks have group kinds {sorted(m)}, scores {sorted(s)}")
+    num_layers = len(next(iter(m.values()))) if m else 0
+    if m and len(next(iter(s.values()))) != num_layers:
+        raise ValueError(f"masks have {num_layers} layers, scores {len(next(iter(s.values())))}")
     skip = set()
     for i in excluded:
         j = int(i) + num_layers if int(i) < 0 else int(i)
@@ -200,7 +213,7 @@ def update_masks(
     active = [i for i in range(num_layers) if i not in skip]
 
     new: dict[str, list[np.ndarray]] = {}
-    for kind in KINDS:
+    for kind in m:
         kept_l, score_l = [], []
         for i in range(num_layers):
             mv, sv = m[kind][i], s[kind][i]
@@ -233,12 +246,12 @@ def update_masks(
 def mask_stats(masks: Any) -> dict[str, Any]:
     """Kept groups per layer and kept fractions per kind (plain Python, JSON-ready).
 
-    Keys: ``attn_kept``/``mlp_kept`` (per-layer kept counts), ``attn_total``/``mlp_total``
-    (per-layer group counts), ``attn_kept_fraction``/``mlp_kept_fraction`` (over all layers).
+    Keys per group kind (LLaMA: ``attn``, ``mlp``): ``{kind}_kept`` (per-layer kept counts),
+    ``{kind}_total`` (per-layer group counts), ``{kind}_kept_fraction`` (over all layers).
     """
     m = _layer_vectors(masks, "masks")
     out: dict[str, Any] = {}
-    for kind in KINDS:
+    for kind in m:
         kept = [int(np.count_nonzero(v)) for v in m[kind]]
         total = [int(v.shape[0]) for v in m[kind]]
         out[f"{kind}_kept"] = kept
@@ -269,6 +282,7 @@ def masked_num_params(config: LlamaConfig, masks: Any) -> int:
 
 __all__: Sequence[str] = (
     "excluded_layers",
+    "kinds_of",
     "mask_stats",
     "masked_num_params",
     "masked_widths",
