@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -69,16 +70,33 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
-    """``key=value`` pairs, values parsed as YAML scalars/lists (``0.2``, ``true``, ``[q, v]``)."""
+def yaml_load(text: Any) -> Any:
+    """``yaml.safe_load`` without YAML 1.1's base-60 integers, so ``2:4`` (an N:M pattern) stays
+    the string ``"2:4"`` instead of becoming 124."""
     import yaml
 
+    class Loader(yaml.SafeLoader):
+        pass
+
+    def int_or_text(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> Any:
+        value = loader.construct_scalar(node)
+        if ":" in value:
+            return value
+        return yaml.SafeLoader.construct_yaml_int(loader, node)
+
+    Loader.add_constructor("tag:yaml.org,2002:int", int_or_text)
+    return yaml.load(text, Loader=Loader)  # noqa: S506 - a SafeLoader subclass
+
+
+def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
+    """``key=value`` pairs, values parsed as YAML scalars/lists (``0.2``, ``true``, ``[q, v]``,
+    ``2:4``)."""
     out = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ValueError(f"expected key=value, got {item!r}")
-        out[key.strip()] = yaml.safe_load(value) if value.strip() else ""
+        out[key.strip()] = yaml_load(value) if value.strip() else ""
     return out
 
 
@@ -94,53 +112,81 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def build_run_config(config_file: str | None, overrides: Sequence[str]) -> Any:
-    """RunConfig from defaults, then a YAML file, then ``key=value`` overrides."""
-    import yaml
-
-    from .config import RunConfig
+    """RunConfig from defaults, then a YAML file, then ``key=value`` overrides (a
+    ClassifierConfig when ``model`` is one of the bundled image classifiers)."""
+    from .config import VISION_MODELS, ClassifierConfig, RunConfig
 
     updates: dict[str, Any] = {}
     if config_file:
         with open(config_file, encoding="utf-8") as f:
-            loaded = yaml.safe_load(f) or {}
+            loaded = yaml_load(f) or {}
         if not isinstance(loaded, dict):
             raise ValueError(f"{config_file}: expected a mapping of config keys")
         updates.update(flatten(loaded))
     updates.update(parse_overrides(overrides))
+    if updates.get("model") in VISION_MODELS:  # an image classifier: its own config
+        cfg = ClassifierConfig().override(updates)
+        if not cfg.out:
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            cfg = cfg.override({"out": f"runs/{cfg.model}-{cfg.prune.criterion}-{cfg.prune.ratio:g}-{stamp}"})
+        return cfg
     cfg = RunConfig().override(updates)
     if not cfg.out:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         name = Path(str(cfg.model)).name or "model"
-        cfg = cfg.override({"out": f"runs/{name}-{cfg.prune.criterion}-{cfg.prune.ratio:g}-{stamp}"})
+        p = cfg.prune
+        what = {"structured": f"{p.ratio:g}", "unstructured": f"unstructured-{p.ratio:g}",
+                "nm": "nm" + p.nm.replace(":", "-")}[p.granularity]
+        cfg = cfg.override({"out": f"runs/{name}-{p.criterion}-{what}-{stamp}"})
     return cfg
 
 
 def print_summary(metrics: dict[str, Any], out: str) -> None:
     """A short human summary of a finished run."""
-    print(f"\npruned {metrics['model']} with criterion {metrics['criterion']} to ratio "
+    granularity = metrics.get("granularity", "structured")
+    how = "" if granularity == "structured" else f" ({granularity})"
+    print(f"\npruned {metrics['model']} with criterion {metrics['criterion']}{how} to ratio "
           f"{metrics['ratio']:g} in {metrics['steps']} steps")
-    print(f"parameters: {metrics['params_before'] / 1e6:.1f}M -> {metrics['params_after'] / 1e6:.1f}M "
-          f"({100 * metrics['params_kept_fraction']:.1f}% kept)")
+    nonzero = "" if granularity == "structured" else "nonzero "
+    print(f"{nonzero}parameters: {metrics['params_before'] / 1e6:.1f}M -> "
+          f"{metrics['params_after'] / 1e6:.1f}M ({100 * metrics['params_kept_fraction']:.1f}% kept)")
     for spec, before in metrics["ppl_before"].items():
         print(f"perplexity {spec} (L={metrics['eval']['seq_len']}): {before:.2f} -> "
               f"{metrics['ppl_after'][spec]:.2f}")
     layers = metrics["layers"]
-    print("heads per layer:   " + " ".join(map(str, layers["heads"])))
-    print("FFN per layer:     " + " ".join(map(str, layers["ffn"])))
+    if granularity == "structured":
+        print("heads per layer:   " + " ".join(map(str, layers["heads"])))
+        print("FFN per layer:     " + " ".join(map(str, layers["ffn"])))
+    else:
+        sp = metrics["sparsity"]
+        print(f"sparsity: {sp['pruned_layers']['sparsity']:.4f} of the pruned layers' weights, "
+              f"{sp['overall']:.4f} of all masked weights, {sp['model']:.4f} of the model")
+        print("per projection:    " + " ".join(
+            f"{k}={v:.3f}" for k, v in sp["pruned_layers"]["projections"].items()))
     print(f"output: {out}/ (model/, adapters/, metrics.json, training.png)")
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
     """LoRAPrune end to end (``--resume DIR`` continues an interrupted run)."""
-    from .config import RunConfig
+    from .config import VISION_MODELS, ClassifierConfig, RunConfig
     from .train.loop import run_prune
 
     if args.resume:
         if args.overrides or args.config:
             raise ValueError("--resume takes the run's saved config; give no overrides")
+        saved = Path(args.resume) / "run_config.json"
+        if saved.exists() and json.loads(saved.read_text()).get("model") in VISION_MODELS:
+            raise ValueError(f"{args.resume} is an image-classifier run, which cannot resume "
+                             "(they take minutes): run it again with a new out=")
         cfg = RunConfig(out=args.resume)
     else:
         cfg = build_run_config(args.config, args.overrides)
+    if isinstance(cfg, ClassifierConfig):
+        from .train.classifier import run_classifier
+
+        metrics = run_classifier(cfg, log=lambda m: print(m, file=sys.stderr))
+        print(json.dumps({k: v for k, v in metrics.items() if k != "history"}, indent=2))
+        return 0
     metrics = run_prune(cfg, resume=bool(args.resume), progress=not args.no_progress,
                         log=lambda m: print(m, file=sys.stderr))
     from .parallel.distributed import is_primary
@@ -177,7 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     common(ev)
     ev.set_defaults(func=cmd_eval)
 
-    pr = sub.add_parser("prune", help="LoRAPrune a model (key=value overrides, see RunConfig)")
+    pr = sub.add_parser("prune", help="LoRAPrune a model (key=value overrides, see RunConfig; "
+                                      "model=vit-s or model=cifar10-cnn: see ClassifierConfig)")
     pr.add_argument("overrides", nargs="*", metavar="key=value",
                     help="e.g. prune.ratio=0.2 prune.criterion=vanilla train.steps=100 out=DIR")
     pr.add_argument("--config", default=None, help="a YAML file of config keys (nested or dotted)")

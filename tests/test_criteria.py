@@ -6,8 +6,8 @@ import jax
 import numpy as np
 import pytest
 
-from loraprune_jax.pruning.criteria import INPUT_STAT, layer_scores, merged_weight
-from loraprune_jax.pruning.importance import layer_group_scores
+from loraprune_jax.pruning.criteria import INPUT_STAT, element_scores, layer_scores, merged_weight
+from loraprune_jax.pruning.importance import layer_group_scores, lora_guided_importance
 
 D, HD, H, K, F, R = 4, 2, 6, 2, 3, 2
 SHAPES = {"q": (D, H * HD), "k": (D, K * HD), "v": (D, K * HD), "o": (H * HD, D),
@@ -71,3 +71,74 @@ def test_missing_inputs_raise(layer):
                       ("wanda", "input activation"), ("random", "PRNG key"), ("fisher", "unknown")]:
         with pytest.raises(ValueError, match=msg):
             layer_scores(crit, layer, None, K, scale=1.0)
+
+
+def test_element_scores_are_what_layer_scores_reduce(layer, adapters):
+    grads = {n: rand(*s, seed=40 + i) for i, (n, s) in enumerate(SHAPES.items())}
+    lgrads = {n: {"a": rand(SHAPES[n][0], R, seed=60 + i), "b": rand(R, SHAPES[n][1], seed=70 + i)}
+              for i, n in enumerate(adapters)}
+    stats = {"attn_in": rand(D, seed=1) ** 2, "o_in": rand(H * HD, seed=2) ** 2,
+             "mlp_in": rand(D, seed=3) ** 2, "down_in": rand(F, seed=4) ** 2}
+    kw = dict(scale=2.0, power=2, lora_grads=lgrads, weight_grads=grads, input_stats=stats)
+    for criterion in ("lora", "vanilla", "magnitude", "wanda"):
+        elements = element_scores(criterion, layer, adapters, **kw)
+        want = set(adapters) if criterion == "lora" else set(SHAPES)
+        assert set(elements) == want
+        assert all(elements[n].shape == SHAPES[n] and elements[n].dtype == np.float32 for n in want)
+        groups = layer_scores(criterion, layer, adapters, K, **kw)
+        reduced = layer_group_scores(elements, K, F)
+        np.testing.assert_array_equal(groups["attn"], reduced["attn"])
+        np.testing.assert_array_equal(groups["mlp"], reduced["mlp"])
+    q = adapters["q"]
+    np.testing.assert_array_equal(
+        element_scores("lora", layer, adapters, **kw)["q"],
+        lora_guided_importance(layer["q"], q["a"], q["b"], lgrads["q"]["a"], lgrads["q"]["b"], 2.0, 2))
+    picked = element_scores("magnitude", layer, adapters, scale=2.0, names=("o", "down"))
+    assert list(picked) == ["o", "down"]
+    np.testing.assert_allclose(picked["o"], np.abs(layer["o"]), rtol=1e-6)
+    with pytest.raises(ValueError, match=r"cannot score \['k'\]: they have no adapters"):
+        element_scores("lora", layer, adapters, scale=2.0, lora_grads=lgrads, names=("q", "k"))
+
+
+def test_random_element_scores_are_uniform_noise_per_weight(layer):
+    a = element_scores("random", layer, None, scale=1.0, key=jax.random.PRNGKey(0))
+    b = element_scores("random", layer, None, scale=1.0, key=jax.random.PRNGKey(0))
+    assert {n: v.shape for n, v in a.items()} == SHAPES
+    np.testing.assert_array_equal(a["down"], b["down"])
+    values = np.concatenate([np.asarray(v).reshape(-1) for v in a.values()])
+    assert values.min() >= 0.0 and values.max() < 1.0 and len(np.unique(values)) == values.size
+    assert not np.array_equal(np.asarray(a["q"])[:, :4], np.asarray(a["k"]))  # one key each
+
+
+# Any declared model: LLaMA's declaration through declared_scores gives LLaMA's own scores ----
+def test_declared_scores_equal_llama_scores():
+    from conftest import randomize_b, tiny_config
+    from loraprune_jax.config import LoraConfig
+    from loraprune_jax.models.llama import init_base
+    from loraprune_jax.models.lora import init_lora
+    from loraprune_jax.pruning.criteria import declared_scores
+    from loraprune_jax.pruning.groups import llama_declaration
+    from loraprune_jax.pruning.importance import lora_layer_scores
+
+    cfg = tiny_config("gqa")
+    lc = LoraConfig(rank=2, alpha=4.0, targets=("q", "v", "o", "up", "down"))
+    base = init_base(cfg, 0, std=0.3)
+    lora = randomize_b(init_lora(jax.random.PRNGKey(0), base, lc))
+    grads = randomize_b(jax.tree.map(lambda x: 0.1 * x, lora), key=7)
+    decl = llama_declaration(cfg)
+    got = declared_scores("lora", base, lora, decl, scale=lc.scale, lora_grads=grads)
+    mag = declared_scores("magnitude", base, lora, decl, scale=lc.scale, power=2)
+    for i in range(cfg.num_layers):
+        want = lora_layer_scores(base["layers"][i], lora["layers"][i], grads["layers"][i], lc.scale,
+                                 cfg.kv_heads(i))
+        want_mag = layer_scores("magnitude", base["layers"][i], lora["layers"][i], cfg.kv_heads(i),
+                                scale=lc.scale, power=2)
+        for kind in ("attn", "mlp"):
+            np.testing.assert_allclose(got["layers"][i][kind], want[kind], rtol=1e-5)
+            np.testing.assert_allclose(mag["layers"][i][kind], want_mag[kind], rtol=1e-5)
+    rnd = declared_scores("random", base, None, decl, scale=1.0, key=jax.random.PRNGKey(3))
+    assert [r["attn"].shape for r in rnd["layers"]] == [(cfg.kv_heads(i),) for i in range(cfg.num_layers)]
+    with pytest.raises(ValueError, match="not available for declared"):
+        declared_scores("wanda", base, lora, decl, scale=1.0)
+    with pytest.raises(ValueError, match="gradients"):
+        declared_scores("lora", base, lora, decl, scale=1.0)

@@ -298,3 +298,42 @@ def test_pruned_export_tokenizer_loads_without_asking_to_trust_code(tmp_path, mo
         monkeypatch.setattr(f"transformers.models.auto.{module}.resolve_trust_remote_code", no_prompt)
     _, _, tok = load_hf_dir(out)
     assert tok is not None and tok("hello world")["input_ids"] == [3, 4]
+
+
+@pytest.mark.parametrize("stacked", [False, True])
+def test_weight_masked_export_keeps_shapes_zeros_and_masks(stacked, tokens, tmp_path):
+    """Unstructured / N:M: merged weights with zeros in place, the masks beside them, and the
+    same logits from plain transformers as from the masked, unmerged model."""
+    from loraprune_jax.io.export import load_export_masks
+    from loraprune_jax.models.lora import merge_lora
+    from loraprune_jax.pruning.sparsity import (
+        apply_element_masks, init_element_masks, update_nm_masks)
+
+    cfg = tiny_config("gqa")
+    base = noisy_norms(init_base(cfg, 0, std=0.2))
+    lora = randomize_b(init_lora(jax.random.PRNGKey(0), base, LORA))
+    masks = init_element_masks(cfg, ("q", "k", "v", "o", "gate", "up", "down"))
+    rng = np.random.RandomState(1)
+    masks = update_nm_masks(masks, jax.tree.map(lambda m: rng.rand(*m.shape), masks), 1.0,
+                            excluded=(0,))
+    host = lambda t: jax.tree.map(np.asarray, t)  # noqa: E731
+    merged = apply_element_masks(merge_lora(host(base), host(lora), LORA), host(masks))
+    out = export_hf(tmp_path / "m", cfg, stack_layers(merged) if stacked else merged,
+                    tiny_tokenizer(), masks=stack_layers(masks) if stacked else masks)
+    assert "masks.safetensors" in os.listdir(out) and not needs_remote_code(cfg)
+    back_masks = load_export_masks(out)
+    cfg2, base2, _ = load_hf_dir(out)
+    assert cfg2 == cfg
+    for i in range(cfg.num_layers):
+        for name in ("q", "down"):
+            mk = back_masks["layers"][i][name]
+            assert mk.dtype == np.uint8 and mk.shape == base2["layers"][i][name].shape
+            np.testing.assert_array_equal(mk, np.asarray(masks["layers"][i][name]) != 0)
+            w = np.asarray(base2["layers"][i][name])
+            assert np.all(w[mk == 0] == 0) and np.count_nonzero(w) == np.count_nonzero(mk)
+    assert back_masks["layers"][0]["q"].all() and not back_masks["layers"][1]["q"].all()
+    want = np.asarray(forward(base, lora, masks, tokens, cfg, LORA))
+    model = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    np.testing.assert_allclose(torch_logits(model, tokens), want, atol=5e-5, rtol=1e-4)
+    # a structured export has no masks file
+    assert load_export_masks(export_hf(tmp_path / "plain", cfg, base)) is None

@@ -341,3 +341,73 @@ def test_input_stats_are_sums_of_squares(tokens):
     value, aux = loss(base, lora, None, {"tokens": tokens}, cfg, LORA, return_stats=True)
     assert float(value) == pytest.approx(float(loss(base, lora, None, {"tokens": tokens}, cfg, LORA)))
     assert len(aux["layers"]) == cfg.num_layers
+
+
+# ----------------------------------------------------------------------------- weight masks
+def _element_setup(kind, seed=0):
+    from loraprune_jax.pruning.sparsity import init_element_masks, update_element_masks
+
+    cfg, base = model(kind)
+    lora = randomize_b(init_lora(jax.random.PRNGKey(seed), base, LORA))
+    masks = init_element_masks(cfg)
+    rng = np.random.RandomState(seed)
+    scores = jax.tree.map(lambda m: rng.rand(*m.shape).astype(np.float32), masks)
+    return cfg, base, lora, update_element_masks(masks, scores, 0.5, excluded=(2,))
+
+
+@pytest.mark.parametrize("stacked", [False, True])
+def test_element_masked_forward_equals_merged_and_zeroed_weights(kind, tokens, stacked):
+    from loraprune_jax.models.lora import merge_lora
+    from loraprune_jax.pruning.sparsity import apply_element_masks
+
+    cfg, base, lora, masks = _element_setup(kind)
+    lay = stack_layers if stacked else (lambda t: t)
+    got = forward(lay(base), lay(lora), lay(masks), tokens, cfg, LORA)
+    host = lambda t: jax.tree.map(np.asarray, t)  # noqa: E731 - the export merges on the host
+    exported = apply_element_masks(merge_lora(host(base), host(lora), LORA), host(masks))
+    assert np.all(exported["layers"][0]["q"][np.asarray(masks["layers"][0]["q"]) == 0] == 0)
+    want = forward(exported, None, None, tokens, cfg)
+    np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-5)
+    # the masks do matter: unmasked LoRA gives something else
+    assert float(jnp.abs(forward(base, lora, None, tokens, cfg, LORA) - want).max()) > 1e-2
+
+
+def test_all_ones_element_masks_equal_no_masks_with_dropout(tokens):
+    from loraprune_jax.pruning.sparsity import init_element_masks
+
+    cfg, base = model("gqa")
+    lc = LoraConfig(rank=4, alpha=8.0, dropout=0.5)
+    lora = randomize_b(init_lora(jax.random.PRNGKey(0), base, lc))
+    ones = init_element_masks(cfg, ("q", "o", "down"))  # the others keep the plain LoRA path
+    for rng in (None, jax.random.PRNGKey(3)):
+        want = forward(base, lora, None, tokens, cfg, lc, rng=rng)
+        got = forward(base, lora, ones, tokens, cfg, lc, rng=rng)
+        np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-5)
+
+
+def test_element_masks_zero_the_lora_gradient_of_pruned_weights(tokens):
+    """Through ``(W + s A @ B) * M`` the gradient of ``A @ B`` vanishes where ``M`` is 0."""
+    cfg, base, lora, masks = _element_setup("gqa")
+    grads = jax.grad(loss, argnums=1)(base, lora, masks, {"tokens": tokens}, cfg, LORA)
+    # the gradient through the masked merge is right: one entry of B against a finite difference
+    eps = 1e-2
+    e = jnp.zeros_like(lora["layers"][0]["q"]["b"]).at[1, 3].set(1.0)
+    bumped = jax.tree.map(lambda x: x, lora)
+    bumped["layers"][0]["q"] = {**lora["layers"][0]["q"], "b": lora["layers"][0]["q"]["b"] + eps * e}
+    fd = (loss(base, bumped, masks, {"tokens": tokens}, cfg, LORA)
+          - loss(base, lora, masks, {"tokens": tokens}, cfg, LORA)) / eps
+    np.testing.assert_allclose(grads["layers"][0]["q"]["b"][1, 3], fd, rtol=5e-2, atol=1e-5)
+    # a fully masked projection gets no LoRA gradient at all
+    zero = jax.tree.map(lambda x: x, masks)
+    zero["layers"][1]["up"] = jnp.zeros_like(masks["layers"][1]["up"])
+    g = jax.grad(loss, argnums=1)(base, lora, zero, {"tokens": tokens}, cfg, LORA)
+    assert float(jnp.abs(g["layers"][1]["up"]["a"]).max()) == 0.0
+    assert float(jnp.abs(g["layers"][1]["up"]["b"]).max()) == 0.0
+
+
+def test_structured_and_weight_masks_cannot_mix(tokens):
+    cfg, base = model("gqa")
+    masks = init_masks(cfg)
+    masks["layers"][0] = {**masks["layers"][0], "q": jnp.ones((48, 48))}
+    with pytest.raises(ValueError, match="not both"):
+        forward(base, None, masks, tokens, cfg)

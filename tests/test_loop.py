@@ -162,3 +162,83 @@ def test_killed_run_resumes_to_the_same_result(tiny_run_inputs, tmp_path):
     l1, _, _ = load_adapters(out / "adapters")
     l2, _, _ = load_adapters(tmp_path / "ref" / "adapters")
     np.testing.assert_array_equal(np.asarray(l1["layers"]["q"]["b"]), np.asarray(l2["layers"]["q"]["b"]))
+
+
+# ----------------------------------------------------------------------------- weight masks
+@pytest.mark.parametrize("granularity, extra, target", [
+    ("unstructured", {"prune.ratio": 0.3, "prune.criterion": "lora"}, 0.3),
+    ("nm", {"prune.criterion": "wanda"}, 0.5),
+])
+def test_weight_mask_run_exports_zeros_at_the_target(tiny_run_inputs, tmp_path, granularity,
+                                                     extra, target):
+    import shutil
+
+    from loraprune_jax.io.export import load_export_masks
+
+    root = tiny_run_inputs
+    out = tmp_path / granularity
+    cfg = config_for(root, out, **{"prune.granularity": granularity, **extra})
+    m = run_prune(cfg, progress=False, log=lambda s: None)
+    assert m["granularity"] == granularity and m["ratio"] == target
+    assert m["layers"]["excluded"] == [3] and m["history"][-1]["target_ratio"] == target
+    # the export keeps the model's shape; its zeros are exactly the masks' zeros
+    mcfg, base, tok = load_hf_dir(out / "model")
+    masks = load_export_masks(out / "model")
+    assert mcfg.layer_num_heads is None and mcfg.num_heads == 6 and mcfg.intermediate_size == 32
+    zeros, sizes = {}, {}
+    for i in range(4):
+        for name, mk in masks["layers"][i].items():
+            w = np.asarray(base["layers"][i][name])
+            assert mk.shape == w.shape and np.all(w[mk == 0] == 0)
+            if i == 3:
+                assert mk.all()
+                continue
+            k = mk.size - int(mk.sum())
+            assert k == int(np.floor(mk.size * target + 1e-9)), (i, name)
+            zeros[name], sizes[name] = zeros.get(name, 0) + k, sizes.get(name, 0) + mk.size
+            if granularity == "nm":  # every block of 4 input rows of a column keeps 2
+                rows, cols = mk.shape
+                assert (mk.reshape(rows // 4, 4, cols).sum(axis=1) == 2).all()
+    sp = m["sparsity"]
+    for name in zeros:
+        assert sp["pruned_layers"]["projections"][name] == pytest.approx(zeros[name] / sizes[name])
+    assert sp["pruned_layers"]["sparsity"] == pytest.approx(sum(zeros.values()) / sum(sizes.values()))
+    assert sp["pruned_layers"]["sparsity"] == pytest.approx(target, abs=1e-3)
+    assert sp["zeros"] == sum(zeros.values()) and m["layers"]["sparsity"][3] == 0.0
+    assert m["params_after"] == m["params_before"] - sp["zeros"]
+    if granularity == "nm":
+        assert sp["nm"] == "2:4" and sp["nm_blocks_fraction"] == 1.0
+    kept = [h["mlp_kept"] for h in m["history"]]
+    assert kept[0] == 1.0 and kept == sorted(kept, reverse=True) and kept[-1] < 1.0
+    # the exported model is the evaluated one
+    ids = tokenize_join([(root / "eval.txt").read_text()], tok)
+    every = windows(ids, 32)
+    win = every[np.linspace(0, len(every) - 1, 6).round().astype(int)]
+    res = perplexity(base, mcfg, win.reshape(-1), 32, progress=False)
+    assert res.ppl == pytest.approx(m["ppl_after"][str(root / "eval.txt")], rel=1e-5)
+    lora, no_masks, _ = load_adapters(out / "adapters")
+    assert no_masks is None and lora["layers"]["q"]["a"].shape[-1] == 2
+
+    # resumed from the step-15 checkpoint, the run ends exactly as it did: masks, scores,
+    # LoRA and the data position come back
+    for name in ("metrics.json", "model", "adapters", "training.png"):
+        path = out / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    shutil.rmtree(out / "checkpoints" / "20")
+    assert main(["prune", "--resume", str(out), "--no-progress"]) == 0
+    again = json.loads((out / "metrics.json").read_text())
+    assert [h["loss"] for h in again["history"]] == [h["loss"] for h in m["history"]]
+    assert again["sparsity"] == m["sparsity"] and again["ppl_after"] == m["ppl_after"]
+    masks2 = load_export_masks(out / "model")
+    for a, b in zip(masks["layers"], masks2["layers"]):
+        for name in a:
+            np.testing.assert_array_equal(a[name], b[name])
+
+
+def test_nm_needs_input_dims_divisible_by_m(tiny_run_inputs, tmp_path, capsys):
+    out = tmp_path / "bad"
+    args = tiny_overrides(tiny_run_inputs, out, **{"prune.granularity": "nm", "prune.nm": "1:5"})
+    assert main(["prune", *args, "--no-progress"]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "layer 0 'q' has input dimension 48, not divisible by M=5" in last
+    assert not out.exists()

@@ -155,3 +155,68 @@ def test_vanilla_keeps_bf16_weight_gradients_in_bf16():
                    for v in eqn.outvars
                    if v.aval.dtype == jnp.float32 and tuple(v.aval.shape) in stacked]
     assert not f32_stacked
+
+
+# ----------------------------------------------------------------------------- weight masks
+def element_setup(stacked, **kw):
+    from loraprune_jax.pruning.sparsity import init_element_masks
+
+    cfg, base, lora, _, tc, batch = setup(stacked=stacked, **kw)
+    return cfg, base, lora, init_element_masks(cfg, LC.targets, stacked=stacked), tc, batch
+
+
+@pytest.mark.parametrize("stacked", [False, True])
+def test_element_scores_ema_inside_the_step(stacked):
+    from loraprune_jax.pruning.criteria import element_scores
+
+    cfg, base, lora, masks, tc, batch = element_setup(stacked, clip=0.01)
+    masks = jax.tree.map(lambda m: jnp.asarray(np.random.RandomState(0).rand(*m.shape) > 0.3,
+                                               jnp.float32), masks)
+    pc = PruneConfig(criterion="lora", granularity="unstructured")
+    step = make_train_step(cfg, LC, tc, pc, donate=False)
+    state, metrics = step(init_state(lora, masks, tc), base, masks, batch, jax.random.PRNGKey(0))
+    grads = mean_grads(base, lora, masks, batch, cfg)  # through the masked merged weights
+    norm = optax.tree.norm(grads)
+    np.testing.assert_allclose(metrics["grad_norm"], norm, rtol=1e-4)
+    grads = jax.tree.map(lambda g: g * (0.01 / (norm + 1e-6)), grads)
+    for i in range(cfg.num_layers):
+        pick = (lambda t: jax.tree.map(lambda x: x[i], t)) if stacked else (lambda t: t[i])
+        want = element_scores("lora", pick(base["layers"]), pick(lora["layers"]), scale=LC.scale,
+                              lora_grads=pick(grads["layers"]))
+        got = pick(state["scores"]["layers"])
+        assert set(got) == set(LC.targets)
+        for name in got:
+            assert got[name].shape == pick(base["layers"])[name].shape
+            np.testing.assert_allclose(got[name], 0.1 * want[name], rtol=2e-4,
+                                       atol=1e-6 * float(jnp.abs(want[name]).max()))
+    want_loss = np.mean([loss(base, lora, masks, {"tokens": t}, cfg, LC) for t in batch["tokens"]])
+    np.testing.assert_allclose(metrics["loss"], want_loss, rtol=1e-5)
+
+
+@pytest.mark.parametrize("criterion", ["magnitude", "random", "wanda", "vanilla"])
+def test_other_criteria_give_element_scores(criterion):
+    cfg, base, lora, masks, tc, batch = element_setup(True)
+    step = make_train_step(cfg, LC, tc, PruneConfig(criterion=criterion, granularity="nm"),
+                           donate=False)
+    state, _ = step(init_state(lora, masks, tc), base, masks, batch, jax.random.PRNGKey(0))
+    s = state["scores"]["layers"]
+    assert {k: v.shape for k, v in s.items()} == {k: v.shape for k, v in masks["layers"].items()}
+    assert bool(jnp.all(s["down"] >= 0)) and float(jnp.max(s["down"])) > 0
+
+
+def test_element_mask_rewrites_never_recompile():
+    from loraprune_jax.pruning.sparsity import update_element_masks, update_nm_masks
+
+    cfg, base, lora, masks, tc, batch = element_setup(True)
+    dev = jax.devices()[0]  # committed arrays, as the loop's are
+    masks = jax.device_put(masks, dev)
+    step = make_train_step(cfg, LC, tc, PruneConfig(granularity="unstructured"), donate=True)
+    state = jax.device_put(init_state(lora, masks, tc), dev)
+    losses = []
+    for i in range(5):
+        state, metrics = step(state, base, masks, batch, jax.random.PRNGKey(i))
+        losses.append(float(metrics["loss"]))
+        masks = (update_nm_masks(masks, state["scores"], 0.5) if i == 0
+                 else update_element_masks(masks, state["scores"], 0.1 * (i + 5)))
+    assert step._cache_size() == 1
+    assert len(set(losses)) == 5

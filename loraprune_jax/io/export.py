@@ -12,6 +12,11 @@ builds each layer at its own widths. :func:`loraprune_jax.io.hf.load_hf_dir` rea
 (so it can be inspected or resumed) in a small directory: ``lora.safetensors`` and
 ``masks.safetensors`` with path-like tensor names (``layers.3.q.a``, ``layers.3.attn``) and
 ``adapters.json`` with the LoRA and model configs.
+
+A model pruned with weight masks (unstructured or N:M) keeps its shape: ``export_hf(...,
+masks=...)`` writes the merged weights with zeros in place and the masks beside them in
+``masks.safetensors`` (``uint8``, ``layers.3.q`` names, Flax ``(in, out)`` layout), which
+:func:`load_export_masks` reads back.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from safetensors.numpy import save_file
+from safetensors.numpy import load_file, save, save_file
 
 from loraprune_jax.config import LlamaConfig, LoraConfig
 from loraprune_jax.io.errors import CheckpointError
@@ -48,6 +53,7 @@ LORA_FILE = "lora.safetensors"
 MASKS_FILE = "masks.safetensors"
 ADAPTERS_FORMAT = "loraprune-jax-adapters"
 ADAPTERS_VERSION = 1
+EXPORT_MASKS_FILE = MASKS_FILE  # beside an exported model pruned with weight masks
 
 
 # HF export -----------------------------------------------------------------------------
@@ -89,15 +95,21 @@ def export_hf(
     *,
     overwrite: bool = False,
     extra_files: Mapping[str, str | bytes] | None = None,
+    masks: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write ``base`` (list or stacked layout) as a HF checkpoint directory, atomically.
 
     Plain ``LlamaForCausalLM`` when transformers can hold ``config``; otherwise with the remote
     code described in the module docstring (load it with ``trust_remote_code=True``). Returns
     the directory. ``extra_files`` (name -> contents) may not replace the files written here.
+    ``masks`` (weight-shaped element masks, either layout) are written as ``masks.safetensors``;
+    ``base`` should already be zero where they are (``pruning.sparsity.apply_element_masks``).
     """
     out_dir = Path(out_dir)
     files: dict[str, str | bytes] = {}
+    if masks is not None:
+        flat = {k: (v != 0).astype(np.uint8) for k, v in _flatten(unstack_layers(dict(masks))).items()}
+        files[EXPORT_MASKS_FILE] = save(flat, metadata={"format": ADAPTERS_FORMAT})
     if needs_remote_code(config):
         files.update(read_sources())
         # save_hf_dir writes extra files after its own config.json, so this one replaces it.
@@ -246,6 +258,22 @@ def load_adapters(
     return lora, masks, lora_cfg
 
 
+def load_export_masks(model_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The weight masks exported beside a model (``{"layers": [{"q": (in, out) uint8}, ...]}``),
+    or ``None`` when the export has none (a structured, sliced model)."""
+    path = Path(model_dir) / EXPORT_MASKS_FILE
+    if not path.is_file():
+        return None
+    try:
+        tree = _unflatten(load_file(os.fspath(path)))
+    except Exception as e:  # safetensors raises its own error types for corrupt files
+        raise CheckpointError(path, f"cannot read the exported masks: {e}") from e
+    layers = tree.get("layers")
+    if not isinstance(layers, list) or any(l is None for l in layers):
+        raise CheckpointError(path, "tensor names do not form a 'layers.<i>....' tree")
+    return tree
+
+
 def load_adapters_config(out_dir: str | os.PathLike[str]) -> LlamaConfig:
     """The model :class:`LlamaConfig` recorded next to saved adapters."""
     path = Path(out_dir)
@@ -262,6 +290,7 @@ __all__ = [
     "hf_config_dict",
     "load_adapters",
     "load_adapters_config",
+    "load_export_masks",
     "needs_remote_code",
     "save_adapters",
 ]

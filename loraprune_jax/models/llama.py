@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ..config import LlamaConfig, LoraConfig
+from ..config import PROJECTIONS, LlamaConfig, LoraConfig
 from ..parallel.mesh import constrain
 from ..pruning.groups import expand_unit_mask
 from .lora import lora_linear
@@ -124,6 +124,45 @@ def mlp(
     return x + proj("down", act, keys[2]), h, act
 
 
+def masked_lora_linear(
+    x: Array,
+    w: Array,
+    pair: dict[str, Array] | None,
+    mask: Array,
+    scale: float,
+    dropout: float = 0.0,
+    key: Array | None = None,
+) -> Array:
+    """``x @ ((W + scale * A @ B) * M)``: an element mask on the *merged* weight.
+
+    The mask must hold after LoRA is folded in (the export zeroes ``merge(W) * M``), so unlike
+    :func:`~loraprune_jax.models.lora.lora_linear` this forms ``A @ B`` (in float32, cast to
+    ``W``'s dtype as ``merge_pair`` does). With LoRA dropout the LoRA path sees the dropped-out
+    input: ``x @ (W * M) + scale * dropout(x) @ ((A @ B) * M)``.
+    """
+    if pair is None:
+        return x @ (w * mask.astype(w.dtype))
+    delta = scale * (pair["a"].astype(jnp.float32) @ pair["b"].astype(jnp.float32))
+    if dropout > 0.0 and key is not None:
+        keep = jax.random.bernoulli(key, 1.0 - dropout, x.shape)
+        xd = jnp.where(keep, x / (1.0 - dropout), jnp.zeros_like(x))
+        y = x @ (w * mask.astype(w.dtype))
+        return y + (xd @ (delta * mask.astype(jnp.float32)).astype(x.dtype)).astype(y.dtype)
+    merged = ((w.astype(jnp.float32) + delta) * mask.astype(jnp.float32)).astype(w.dtype)
+    return x @ merged
+
+
+def element_masks_of(mask: dict[str, Array] | None) -> dict[str, Array] | None:
+    """A layer's mask dict if it holds weight-shaped masks keyed by projection (unstructured or
+    N:M), ``None`` for structured ``{"attn", "mlp"}`` masks or no masks (decided at trace time)."""
+    if mask is None or not any(name in mask for name in PROJECTIONS):
+        return None
+    if "attn" in mask or "mlp" in mask:
+        raise ValueError("a layer's masks are either structured ('attn', 'mlp') or weight-shaped "
+                         f"(keyed by projection), not both: got {sorted(mask)}")
+    return mask
+
+
 def _block(
     x: Array,
     layer: dict[str, Array],
@@ -140,9 +179,14 @@ def _block(
     heads = layer["q"].shape[-1] // config.head_dim
     keys = list(jax.random.split(key, 7)) if key is not None else [None] * 7
     stats: dict[str, Array] = {}
+    element = element_masks_of(mask)
+    if element is not None:  # weight masks act inside proj; no group masks
+        mask = None
 
     def proj(name: str, inp: Array, k: Array | None) -> Array:
         pair = adapters.get(name) if adapters else None
+        if element is not None and name in element:
+            return masked_lora_linear(inp, layer[name], pair, element[name], scale, dropout, k)
         return lora_linear(inp, layer[name], pair, scale, dropout, k)
 
     if heads > 0:
@@ -180,7 +224,10 @@ def forward(
 ) -> Array | tuple[Array, dict[str, Any]]:
     """Logits ``(B, T, V)`` in float32 of the masked LoRA model on ``tokens`` ``(B, T)``.
 
-    ``lora`` and ``masks`` may be ``None``. Dropout on the LoRA path is applied only when ``rng``
+    ``lora`` and ``masks`` may be ``None``. ``masks`` are either structured (per layer
+    ``{"attn": (units,), "mlp": (ffn,)}``, gating the outputs of groups) or weight-shaped (per
+    layer ``{"q": (in, out), ...}``, unstructured or N:M, multiplying the merged weight: see
+    :func:`masked_lora_linear`). Dropout on the LoRA path is applied only when ``rng``
     is given. ``remat`` rematerialises each block in the backward pass (less memory).
     With ``return_stats`` also returns ``{"layers": ...}`` holding, per layer, the sums of squares
     over all tokens of each projection's input (``attn_in`` for q/k/v, ``o_in``, ``mlp_in`` for

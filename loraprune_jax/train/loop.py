@@ -1,9 +1,12 @@
 """A whole LoRAPrune run: load, evaluate, train with progressive masks, checkpoint, slice, export.
 
 Compiled phases run :func:`make_train_step`; mask rewrites happen between steps on small
-vectors (never recompiling). Everything a run needs to continue lives in its orbax checkpoints
-(LoRA, optimizer state, masks, scores, step, data position, history, config), so a killed run
-resumed with ``resume=True`` ends exactly where the uninterrupted run would.
+vectors (never recompiling). With ``prune.granularity`` ``unstructured`` or ``nm`` the masks are
+weight-shaped, follow the same schedule, and the end merges LoRA and zeroes the masked weights
+instead of slicing (the model keeps its shape; ``model/masks.safetensors`` holds the masks).
+Everything a run needs to continue lives in its orbax checkpoints (LoRA, optimizer state, masks,
+scores, step, data position, history, config), so a killed run resumed with ``resume=True`` ends
+exactly where the uninterrupted run would.
 """
 
 from __future__ import annotations
@@ -22,12 +25,13 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..config import RunConfig
+from ..config import PROJECTIONS, RunConfig
 from ..data import load_texts
 from ..data.packing import PackedDataset, tokenize_join, windows
 from ..eval.perplexity import perplexity
 from ..io import export_hf, load_model, save_adapters
-from ..models.lora import init_lora
+from ..models.llama import unstack_layers
+from ..models.lora import init_lora, merge_lora
 from ..parallel import distributed
 from ..parallel.mesh import (
     ShardingError,
@@ -52,6 +56,15 @@ from ..pruning.masks import (
 )
 from ..pruning.schedule import OneShotSchedule, PruneSchedule
 from ..pruning.slicing import count_params, slice_and_merge
+from ..pruning.sparsity import (
+    apply_element_masks,
+    check_nm,
+    init_element_masks,
+    nm_fraction,
+    sparsity_stats,
+    update_element_masks,
+    update_nm_masks,
+)
 from .checkpoint import RunCheckpointer
 from .step import init_state, make_train_step
 
@@ -111,6 +124,9 @@ class PreparedRun:
         self.excluded = excluded_layers(
             self.config.num_layers, cfg.prune.exclude_first, cfg.prune.exclude_last
         )
+        self.masked = tuple(p for p in PROJECTIONS if p in cfg.lora.targets)  # element masks
+        if cfg.prune.granularity == "nm":
+            check_nm(self.config, self.masked, *cfg.prune.nm_pattern, excluded=self.excluded)
         self._check_final_widths()
         self.host_base = host  # list layout, numpy: sliced on the host at the end
         self.base = shard_base(host, self.config, self.mesh)  # stacked when widths are uniform
@@ -137,7 +153,7 @@ class PreparedRun:
         """With a tensor axis, the sliced model must still split over it: check the widths the
         final ratio leaves now, not after training."""
         tensor = mesh_sizes(self.mesh)["tensor"]
-        if tensor == 1:
+        if tensor == 1 or self.cfg.prune.element_wise:  # weight masks never change widths
             return
         p = self.cfg.prune
         if p.allocation != "uniform":
@@ -170,6 +186,30 @@ class PreparedRun:
             out[spec] = {"ppl": res.ppl, "tokens": res.tokens,
                          "tokens_per_second": res.tokens_per_second}
         return out
+
+
+def init_run_masks(cfg: RunConfig, config: Any, stacked: bool) -> dict[str, Any]:
+    """All-ones masks of a run: group vectors, or weight-shaped for the LoRA-targeted projections
+    when ``prune.granularity`` is ``unstructured`` or ``nm``."""
+    if cfg.prune.element_wise:
+        names = tuple(p for p in PROJECTIONS if p in cfg.lora.targets)
+        return init_element_masks(config, names, stacked=stacked)
+    return init_masks(config, stacked=stacked)
+
+
+def update_run_masks(masks: Any, scores: Any, cfg: RunConfig, ratio: float,
+                     excluded: tuple[int, ...]) -> Any:
+    """The masks after one scheduled update to ``ratio`` under the run's granularity. N:M takes
+    the schedule's progress ``ratio / prune.ratio`` as the share of blocks to give the pattern."""
+    p = cfg.prune
+    if p.granularity == "unstructured":
+        return update_element_masks(masks, scores, ratio, excluded=excluded,
+                                    allocation=p.allocation)
+    if p.granularity == "nm":
+        n, m = p.nm_pattern
+        fraction = min(max(ratio / p.ratio, 0.0), 1.0)
+        return update_nm_masks(masks, scores, fraction, n, m, excluded=excluded)
+    return update_masks(masks, scores, ratio, excluded=excluded, allocation=p.allocation)
 
 
 class ShardedData:
@@ -267,7 +307,7 @@ def run_prune(
 
     @functools.partial(jax.jit, out_shardings=rep)
     def fresh_state() -> tuple[dict[str, Any], dict[str, Any]]:
-        masks = init_masks(config, stacked=stacked)
+        masks = init_run_masks(cfg, config, stacked)
         like = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)  # shapes only; no copy
         lora = init_lora(jax.random.PRNGKey(t.seed), like, cfg.lora)
         return init_state(lora, masks, t), masks
@@ -302,21 +342,26 @@ def run_prune(
                unit="step", disable=not (progress and primary))
     train_start = time.perf_counter()
     step = start
-    stats = mask_stats(masks)  # host copy of the kept counts; refreshed only when masks change
+    element = cfg.prune.element_wise
+    # host copy of the kept counts (or sparsity); refreshed only when masks change
+    stats = sparsity_stats(masks, run.excluded) if element else mask_stats(masks)
     for step_idx, tokens in batches:
         if step_idx >= t.steps:
             break
         state, metrics = step_fn(state, base, masks, {"tokens": tokens}, key)
         step = step_idx + 1
         if run.schedule.is_update_step(step):
-            masks = update_masks(masks, state["scores"], run.schedule.ratio_at(step),
-                                 excluded=run.excluded, allocation=cfg.prune.allocation)
-            stats = mask_stats(masks)
+            masks = update_run_masks(masks, state["scores"], cfg, run.schedule.ratio_at(step),
+                                     run.excluded)
+            stats = sparsity_stats(masks, run.excluded) if element else mask_stats(masks)
         loss = float(metrics["loss"])
         if bool(metrics["score_skipped"]):
             log(f"step {step}: non-finite importance scores; moving average not updated")
-        record = {"step": step, "loss": loss, "grad_norm": float(metrics["grad_norm"]),
-                  "attn_kept": stats["attn_kept_fraction"], "mlp_kept": stats["mlp_kept_fraction"],
+        if element:  # kept fractions of the attention and MLP weights
+            kept = {"attn_kept": stats["attn_kept"], "mlp_kept": stats["mlp_kept"]}
+        else:
+            kept = {"attn_kept": stats["attn_kept_fraction"], "mlp_kept": stats["mlp_kept_fraction"]}
+        record = {"step": step, "loss": loss, "grad_norm": float(metrics["grad_norm"]), **kept,
                   "target_ratio": run.schedule.ratio_at(step)}
         history.append(record)
         bar.set_postfix(loss=f"{loss:.3f}", ratio=f"{record['target_ratio']:.2f}")
@@ -333,25 +378,48 @@ def run_prune(
     train_seconds = time.perf_counter() - train_start
 
     # Slice and merge on the host (numpy), then place the smaller model on the mesh to evaluate.
+    # Weight masks: merge LoRA and zero the masked weights instead; the model keeps its shape.
     t0 = time.perf_counter()
     lora, host_masks = host_tree(state["lora"]), host_tree(masks)
-    small, small_cfg = slice_and_merge(run.host_base, lora, host_masks, config, cfg.lora)
-    log(f"sliced and merged on the host in {time.perf_counter() - t0:.1f}s")
+    if element:
+        small_cfg = config
+        merged = merge_lora(run.host_base, unstack_layers(lora), cfg.lora)
+        small = apply_element_masks(merged, unstack_layers(host_masks))
+        del merged
+        log(f"merged and zeroed the masked weights on the host in {time.perf_counter() - t0:.1f}s")
+    else:
+        small, small_cfg = slice_and_merge(run.host_base, lora, host_masks, config, cfg.lora)
+        log(f"sliced and merged on the host in {time.perf_counter() - t0:.1f}s")
     after = run.evaluate(shard_base(small, small_cfg, mesh, stacked=False), small_cfg,
                          progress and primary, "after")
     for spec, r in after.items():
         log(f"after: {spec} ppl {r['ppl']:.3f} (before {before[spec]['ppl']:.3f})")
     if primary:
         t0 = time.perf_counter()
-        export_hf(out / "model", small_cfg, small, run.tokenizer, overwrite=resume)
-        save_adapters(out / "adapters", lora, host_masks, cfg.lora, config, overwrite=resume)
+        export_hf(out / "model", small_cfg, small, run.tokenizer, overwrite=resume,
+                  masks=host_masks if element else None)
+        # weight masks live beside the exported model (model/masks.safetensors), not here twice
+        save_adapters(out / "adapters", lora, None if element else host_masks, cfg.lora, config,
+                      overwrite=resume)
         log(f"exported the pruned model and the adapters in {time.perf_counter() - t0:.1f}s")
-    heads, kv_heads, ffn = masked_widths(config, host_masks)
     params_before = count_params(run.host_base)
-    params_after = count_params(small)
+    if element:
+        sparsity = element_sparsity_report(host_masks, cfg, run.excluded, params_before)
+        params_after = params_before - sparsity["zeros"]  # nonzero parameters; shapes unchanged
+        layers_out: dict[str, Any] = {"excluded": list(run.excluded),
+                                      "sparsity": sparsity.pop("layers")}
+    else:
+        heads, kv_heads, ffn = masked_widths(config, host_masks)
+        params_after = count_params(small)
+        layers_out = {
+            "heads": list(heads), "kv_heads": list(kv_heads), "ffn": list(ffn),
+            "excluded": list(run.excluded),
+            "attn_units_kept": stats["attn_kept"], "mlp_channels_kept": stats["mlp_kept"],
+        }
     metrics_out = {
         "model": cfg.model,
         "criterion": cfg.prune.criterion,
+        "granularity": cfg.prune.granularity,
         "ratio": cfg.prune.ratio,
         "steps": t.steps,
         "mesh": describe(mesh),
@@ -362,26 +430,58 @@ def run_prune(
         "params_before": params_before,
         "params_after": params_after,
         "params_kept_fraction": params_after / params_before,
-        "layers": {
-            "heads": list(heads), "kv_heads": list(kv_heads), "ffn": list(ffn),
-            "excluded": list(run.excluded),
-            "attn_units_kept": stats["attn_kept"], "mlp_channels_kept": stats["mlp_kept"],
-        },
+        "layers": layers_out,
         "final_loss": history[-1]["loss"] if history else math.nan,
         "train_seconds_this_session": train_seconds,
         "run_seconds_this_session": time.perf_counter() - start_time,
         "history": history,
     }
+    if element:
+        metrics_out["sparsity"] = sparsity
     if primary:
+        what = cfg.prune.nm if cfg.prune.granularity == "nm" else cfg.prune.ratio
+        kind = "" if not element else f" {cfg.prune.granularity}"
         plot_history(history, out / "training.png",
-                     f"{cfg.model} {cfg.prune.criterion} {cfg.prune.ratio}")
+                     f"{cfg.model} {cfg.prune.criterion}{kind} {what}", element=element)
         write_json(out / METRICS_FILE, metrics_out)  # last: its presence marks a complete run
     distributed.barrier("loraprune-done")
     return metrics_out
 
 
-def plot_history(history: list[dict[str, Any]], path: Path, title: str) -> None:
-    """Loss and pruned fraction against steps, as a PNG.
+def element_sparsity_report(masks: Any, cfg: RunConfig, excluded: tuple[int, ...],
+                            params: int) -> dict[str, Any]:
+    """The metrics' ``sparsity`` entry of a weight-mask run: achieved sparsity per projection and
+    overall (over all masked matrices, over the pruned layers, and of the whole model), per layer,
+    and for N:M the share of blocks that follow the pattern."""
+    stats = sparsity_stats(masks, excluded)
+    out = {
+        "target": cfg.prune.ratio,
+        "overall": stats["sparsity"],
+        "projections": stats["projections"],
+        "pruned_layers": stats["pruned_layers"],
+        "model": stats["zeros"] / params,
+        "zeros": stats["zeros"],
+        "masked_weights": stats["total"],
+        "layers": stats["layers"],
+    }
+    if cfg.prune.granularity == "nm":
+        n, m = cfg.prune.nm_pattern
+        layers = unstack_layers(dict(masks))["layers"]
+        blocks = done = 0.0
+        for i, layer in enumerate(layers):
+            if i in excluded:
+                continue
+            for mask in layer.values():
+                count = np.asarray(mask).size / m
+                blocks, done = blocks + count, done + count * nm_fraction(mask, n, m)
+        out["nm"] = cfg.prune.nm
+        out["nm_blocks_fraction"] = done / blocks if blocks else 1.0
+    return out
+
+
+def plot_history(history: list[dict[str, Any]], path: Path, title: str,
+                 element: bool = False) -> None:
+    """Loss and pruned fraction against steps, as a PNG (``element``: of weights, not groups).
 
     Drawn on a bare ``Figure`` (no pyplot), so the caller's matplotlib backend, a notebook's
     inline one for instance, is left alone."""
@@ -395,10 +495,12 @@ def plot_history(history: list[dict[str, Any]], path: Path, title: str) -> None:
     ax.set_ylabel("training loss", color="tab:blue")
     ax2 = ax.twinx()
     ax2.plot(steps, [h["target_ratio"] for h in history], color="tab:red", lw=1, label="target ratio")
+    attn, mlp = ("attention weights", "MLP weights") if element else ("attention units",
+                                                                       "MLP channels")
     ax2.plot(steps, [1 - h["attn_kept"] for h in history], color="tab:orange", lw=1, ls="--",
-             label="attention units pruned (all layers)")
+             label=f"{attn} pruned (all layers)")
     ax2.plot(steps, [1 - h["mlp_kept"] for h in history], color="tab:green", lw=1, ls=":",
-             label="MLP channels pruned (all layers)")
+             label=f"{mlp} pruned (all layers)")
     ax2.set_ylabel("pruned fraction")
     ax2.set_ylim(0, 1)
     ax2.legend(loc="center right", fontsize=8)

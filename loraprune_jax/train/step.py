@@ -1,8 +1,9 @@
 """The compiled train step: LoRA gradients (accumulated over micro-batches), clipping, AdamW, and
 the group importance with its moving average, all inside one ``jax.jit``.
 
-Only the small group-score vectors and a few scalars leave the step. Masks are an array
-argument, so rewriting them between calls never recompiles.
+Only the small group-score vectors and a few scalars leave the step (with element-wise or N:M
+masks, ``prune.granularity`` other than ``structured``, the scores are weight-shaped instead).
+Masks are an array argument, so rewriting them between calls never recompiles.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from ..parallel.mesh import (
     param_shardings,
     replicated,
 )
-from ..pruning.criteria import layer_scores
+from ..pruning.criteria import element_scores, layer_scores
 from ..pruning.importance import ema_update
 
 Array = jax.Array
@@ -46,7 +47,7 @@ def make_optimizer(train_cfg: TrainConfig) -> optax.GradientTransformation:
 
 
 def zero_scores(masks: dict[str, Any]) -> dict[str, Any]:
-    """EMA scores start at zero, shaped like the masks."""
+    """EMA scores start at zero, shaped like the masks (group vectors or weight-shaped)."""
     return jax.tree.map(lambda m: jnp.zeros(m.shape, jnp.float32), masks)
 
 
@@ -112,8 +113,14 @@ def make_train_step(
     widths are uniform), the batch split over ``data`` x ``fsdp``, and the state, masks, key,
     scores and metrics replicated. Group scores are reduced from the sharded weights and
     gradients inside the step, so only the small vectors are replicated.
+
+    With ``prune_cfg.granularity`` ``unstructured`` or ``nm`` the masks are weight-shaped
+    (``pruning.sparsity.init_element_masks``) and the step keeps the moving average of the
+    criterion's element scores (:func:`~loraprune_jax.pruning.criteria.element_scores`) of the
+    masked projections instead of group scores.
     """
     criterion = prune_cfg.criterion
+    element = prune_cfg.element_wise
     optimizer = make_optimizer(train_cfg)
     scale = lora_cfg.scale
     want_stats = criterion == "wanda"
@@ -162,7 +169,17 @@ def make_train_step(
         n_layers = len(layers) if isinstance(layers, list) else layers["q"].shape[0]
         layer_keys = jax.random.split(score_key, n_layers)
 
+        names = None  # the masked projections, read off the (weight-shaped) scores' keys
+        if element:
+            score_layers = state["scores"]["layers"]
+            names = tuple(score_layers if isinstance(score_layers, dict) else score_layers[0])
+
         def one_layer(layer, adapters, grads, wgrads, stats, k):
+            if element:
+                return element_scores(
+                    criterion, layer, adapters, scale=scale, power=prune_cfg.power,
+                    lora_grads=grads, weight_grads=wgrads, input_stats=stats, key=k, names=names,
+                )
             n_units = layer["k"].shape[-1] // config.head_dim
             return layer_scores(
                 criterion, layer, adapters, n_units, scale=scale, power=prune_cfg.power,
