@@ -40,14 +40,15 @@ from loraprune_jax.pruning.slicing import slice_and_merge  # noqa: E402
 from loraprune_jax.train.loop import default_dtype, spread_windows  # noqa: E402
 
 
-def score(base, config, tokenizer, args, ppl_ids) -> dict[str, float]:
-    """Perplexity on every text and accuracy on every task of one model, and the average."""
+def score(base, config, tokenizer, args, ppl_ids, tasks: bool = True) -> dict[str, float]:
+    """Perplexity on every text and (with ``tasks``) accuracy on every task of one model, and
+    the average."""
     row: dict[str, float] = {}
     for name, ids in ppl_ids.items():
         win = spread_windows(ids, args.seq_len, args.max_windows)
         row[f"ppl {name}"] = perplexity(base, config, win.reshape(-1), args.seq_len,
                                         progress=False).ppl
-    if args.tasks:
+    if args.tasks and tasks:
         results = run_zeroshot(base, config, tokenizer, args.tasks, data_dir=args.data_dir,
                                limit=args.limit, progress=False)
         for task, res in results.items():
@@ -70,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data-dir", default=None, help="zero-shot task files (../shared/data layout)")
     ap.add_argument("--limit", type=int, default=None, help="first N documents per task")
     ap.add_argument("--no-plain", action="store_true", help="skip the rows without LoRA")
+    ap.add_argument("--plain-ppl-only", action="store_true",
+                    help="score the rows without LoRA by perplexity only (zero-shot cells empty)")
     ap.add_argument("--config", default=None, help="a YAML run config for every pruning run")
     ap.add_argument("overrides", nargs="*", metavar="key=value", help="applied to every run")
     args = ap.parse_args(argv)
@@ -97,18 +100,21 @@ def main(argv: list[str] | None = None) -> int:
             _, masks, _ = load_adapters(out / "adapters")
             plain, plain_cfg = slice_and_merge(base, None, masks, config)
             table.append({"ratio": ratio, "method": f"{criterion} w/o LoRA",
-                          **score(plain, plain_cfg, tokenizer, args, ppl_ids)})
+                          **score(plain, plain_cfg, tokenizer, args, ppl_ids,
+                                  tasks=not args.plain_ppl_only)})
+            print(f"{criterion} w/o LoRA {ratio:g}: {table[-1]}", file=sys.stderr, flush=True)
 
     columns = [c for c in table[0] if c not in ("ratio", "method")]
     root.mkdir(parents=True, exist_ok=True)
     with open(root / "table.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["ratio", "method", *columns])
+        writer = csv.DictWriter(f, fieldnames=["ratio", "method", *columns], restval="")
         writer.writeheader()
         writer.writerows(table)
     lines = ["| ratio | method | " + " | ".join(columns) + " |",
              "| --- | --- | " + " | ".join("---:" for _ in columns) + " |"]
     for row in table:
-        cells = [f"{row[c]:.2f}" if c.startswith("ppl") else f"{100 * row[c]:.1f}" for c in columns]
+        cells = ["–" if c not in row else f"{row[c]:.2f}" if c.startswith("ppl")
+                 else f"{100 * row[c]:.1f}" for c in columns]
         lines.append(f"| {row['ratio']:.0%} | {row['method']} | " + " | ".join(cells) + " |")
     (root / "table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -1,6 +1,7 @@
-"""Structured pruning: groups, importance, criteria, schedules, mask updates, slicing."""
+"""Pruning: declared groups, importance, criteria, schedules, mask updates (structured, element-wise,
+N:M), slicing."""
 
-from .criteria import layer_scores, merged_weight
+from .criteria import declared_scores, element_scores, layer_scores, merged_weight
 from .groups import (
     Coupling,
     GroupKind,
@@ -32,6 +33,13 @@ from .masks import (
     update_masks,
 )
 from .schedule import OneShotSchedule, PruneSchedule, Schedule
+from .sparsity import (
+    apply_element_masks,
+    init_element_masks,
+    sparsity_stats,
+    update_element_masks,
+    update_nm_masks,
+)
 from .slicing import (
     count_params,
     kept_groups,
@@ -48,14 +56,18 @@ __all__ = [
     "OneShotSchedule",
     "PruneSchedule",
     "Schedule",
+    "apply_element_masks",
     "block_scores",
     "count_params",
     "declared_masks",
+    "declared_scores",
+    "element_scores",
     "ema_update",
     "estimate_weight_grad",
     "excluded_layers",
     "expand_unit_mask",
     "group_scores",
+    "init_element_masks",
     "init_masks",
     "kept_groups",
     "kept_indices",
@@ -78,5 +90,8 @@ __all__ = [
     "slice_and_merge",
     "slice_declared",
     "slice_params",
+    "sparsity_stats",
+    "update_element_masks",
     "update_masks",
+    "update_nm_masks",
 ]

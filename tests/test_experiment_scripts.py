@@ -1,0 +1,50 @@
+"""The experiment scripts run end to end on a tiny model, so they cannot rot unnoticed."""
+
+from __future__ import annotations
+
+import csv
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
+sys.path.insert(0, str(EXPERIMENTS))
+
+import paper_table  # noqa: E402
+
+DATA = Path(__file__).resolve().parent / "data" / "zeroshot"
+
+
+@pytest.mark.slow
+def test_paper_table_on_a_tiny_model(tiny_run_inputs, tmp_path, capsys):
+    root, out = tiny_run_inputs, tmp_path / "paper"
+    argv = ["--ratios", "0.5", "--criteria", "lora", "random", "--out", str(out),
+            "--ppl", f"eval={root / 'eval.txt'}", "--seq-len", "32", "--max-windows", "4",
+            "--tasks", "arc_easy", "piqa", "--data-dir", str(DATA), "--limit", "2", "--plain-ppl-only",
+            f"model={root / 'model'}", f"data={root / 'train.txt'}", f"eval_texts=[{root / 'eval.txt'}]",
+            "train.steps=6", "train.seq_len=32", "train.micro_batch_size=2", "eval_seq_len=32",
+            "eval_max_windows=4", "prune.prune_every=2", "lora.rank=2"]
+    assert paper_table.main(argv) == 0
+    rows = list(csv.DictReader(open(out / "table.csv")))
+    assert [(r["ratio"], r["method"]) for r in rows] == [
+        ("0.0", "dense"), ("0.5", "lora"), ("0.5", "lora w/o LoRA"),
+        ("0.5", "random"), ("0.5", "random w/o LoRA")]
+    for r in rows:
+        assert float(r["ppl eval"]) > 1.0
+        if "w/o" in r["method"]:  # --plain-ppl-only: zero-shot cells left empty
+            assert r["arc_easy"] == r["average"] == ""
+        else:
+            accs = [float(r[t]) for t in ("arc_easy", "piqa")]
+            assert all(0.0 <= a <= 1.0 for a in accs)
+            assert np.isclose(float(r["average"]), np.mean(accs))
+    md = (out / "table.md").read_text().splitlines()
+    assert md[0] == "| ratio | method | ppl eval | arc_easy | piqa | average |"
+    assert len(md) == 2 + len(rows) and "–" in md[4] and "–" not in md[3]
+    assert (out / "ppl_vs_ratio.png").stat().st_size > 0
+    # finished runs are reused: a second call prunes nothing and writes the same table
+    capsys.readouterr()
+    assert paper_table.main(argv) == 0
+    assert "==" not in capsys.readouterr().err
+    assert list(csv.DictReader(open(out / "table.csv"))) == rows
