@@ -327,18 +327,13 @@ def load_task_tfds(
     writes examples in a shuffled order unless the builder disables shuffling, so ``limit`` takes
     a different subset than the harness' ``--limit`` would.
     """
-    import tensorflow_datasets as tfds  # lazy: only pay for tfds when it is used
+    from .tfds_source import prepared_data_source
 
     check_task(task)
     default_name, default_split = TFDS_SOURCES[task]
     name, split = name or default_name, split or default_split
     try:
-        source = tfds.data_source(
-            name,
-            split=split,
-            data_dir=None if data_dir is None else os.fspath(data_dir),
-            download=False,
-        )
+        source = prepared_data_source(name, split, data_dir)
     except Exception as e:  # tfds raises several types (AssertionError, DatasetNotFoundError, ...)
         raise TaskDataError(
             f"{task}: cannot read tfds dataset {name}[{split}]"

@@ -102,6 +102,28 @@ class TfdsTextSource(Sequence[str]):
         return f"TfdsTextSource({self.description}, field={self.field!r}, len={len(self)})"
 
 
+def prepared_data_source(name: str, split: str, data_dir: str | os.PathLike | None = None,
+                         builder_kwargs: dict[str, Any] | None = None) -> Any:
+    """``tfds.data_source`` of an already prepared dataset, read from its files first.
+
+    tfds prefers a registered builder's code over the prepared files, and some builders' code
+    needs TensorFlow just to describe their features (``super_glue`` uses ``tf.int32``); whether
+    that code is registered depends on unrelated packages (tfds registers its catalog only when
+    ``h5py`` imports). Reading ``dataset_info.json`` and the shards directly never touches it.
+    Falls back to ``tfds.data_source`` (builder code) when no prepared files are found.
+    """
+    import tensorflow_datasets as tfds  # lazy: only pay for tfds when it is used
+    from tensorflow_datasets.core import read_only_builder, registered
+
+    data_dir = None if data_dir is None else os.fspath(data_dir)
+    try:
+        builder = read_only_builder.builder_from_files(name, data_dir=data_dir, **(builder_kwargs or {}))
+    except registered.DatasetNotFoundError:
+        return tfds.data_source(name, split=split, data_dir=data_dir, download=False,
+                                builder_kwargs=builder_kwargs)
+    return builder.as_data_source(split=split)
+
+
 def tfds_texts(
     name: str,
     split: str = "train",
@@ -121,17 +143,15 @@ def tfds_texts(
     """
     import tensorflow_datasets as tfds  # lazy: only pay for tfds when it is used
 
-    kwargs: dict[str, Any] = {}
     if download:
-        kwargs["download_and_prepare_kwargs"] = {
-            "file_format": "array_record",
-        }
-    source = tfds.data_source(
-        name,
-        split=split,
-        data_dir=None if data_dir is None else os.fspath(data_dir),
-        download=download,
-        builder_kwargs=builder_kwargs,
-        **kwargs,
-    )
+        source = tfds.data_source(
+            name,
+            split=split,
+            data_dir=None if data_dir is None else os.fspath(data_dir),
+            download=True,
+            builder_kwargs=builder_kwargs,
+            download_and_prepare_kwargs={"file_format": "array_record"},
+        )
+    else:
+        source = prepared_data_source(name, split, data_dir, builder_kwargs)
     return TfdsTextSource(source, field=field, description=f"tfds {name}[{split}]")
