@@ -140,14 +140,14 @@ def make_classifier_step(family: Family, cfg: ClassifierConfig, declaration: lis
 def predict(family: Family, params: Any, head: Any, images: np.ndarray, batch: int,
             lora: Any = None, masks: Any = None, scale: float = 0.0) -> np.ndarray:
     """Logits of every image, in jitted batches (the last one padded, so one compile)."""
-    fn = jax.jit(lambda x, lo, m: family.logits(params, head, x, lo, m, scale))
+    fn = jax.jit(lambda p, h, x, lo, m: family.logits(p, h, x, lo, m, scale))  # weights as arguments
     out = []
     for i in range(0, len(images), batch):
         x = images[i:i + batch]
         pad = batch - len(x)
         if pad:
             x = np.concatenate([x, np.repeat(x[-1:], pad, axis=0)])
-        out.append(np.asarray(fn(x, lora, masks))[:batch - pad])
+        out.append(np.asarray(fn(params, head, x, lora, masks))[:batch - pad])
     return np.concatenate(out)
 
 
