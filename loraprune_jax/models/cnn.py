@@ -29,7 +29,6 @@ after BN, so a zero channel contributes nothing downstream: masking equals slici
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -37,7 +36,7 @@ import jax
 import jax.numpy as jnp
 
 from ..pruning.groups import Coupling, GroupKind
-from .lora import lora_linear
+from .lora import init_pair, lora_linear
 
 Array = jax.Array
 CONV_KEYS = ("kernel", "bias", "bn_gamma", "bn_beta", "bn_mean", "bn_var")
@@ -204,10 +203,7 @@ def init_cnn_lora(
         keys = jax.random.split(jax.random.fold_in(key, ("convs", "dense").index(target)), len(layers))
         pairs = []
         for k, layer in zip(keys, layers):
-            shape = layer["kernel"].shape
-            bound = 1.0 / math.sqrt(math.prod(shape[:-1]))
-            a = jax.random.uniform(k, shape[:-1] + (rank,), jnp.float32, -bound, bound)
-            pairs.append({"kernel": {"a": a.astype(dtype), "b": jnp.zeros((rank, shape[-1]), dtype)}})
+            pairs.append({"kernel": init_pair(k, layer["kernel"].shape, rank, dtype)})
         out[target] = pairs
     return out
 

@@ -14,6 +14,17 @@ from ..config import LoraConfig
 Array = jax.Array
 
 
+def init_pair(key: Array, kernel_shape: tuple[int, ...], rank: int, dtype: Any = jnp.float32
+              ) -> dict[str, Array]:
+    """One LoRA pair for a kernel ``(..., in, out)`` (dense or conv HWIO): ``A`` of shape
+    ``kernel_shape[:-1] + (rank,)``, Kaiming-uniform with bound ``1 / sqrt(fan_in)`` (``fan_in``
+    the product of all but the output axis, as PEFT and PyTorch's ``Conv2d`` do), ``B`` zero."""
+    fan_in = math.prod(kernel_shape[:-1])
+    bound = 1.0 / math.sqrt(fan_in) if fan_in else 0.0
+    a = jax.random.uniform(key, (*kernel_shape[:-1], rank), jnp.float32, -bound, bound).astype(dtype)
+    return {"a": a, "b": jnp.zeros((rank, kernel_shape[-1]), dtype)}
+
+
 def init_lora(
     key: Array,
     base: dict[str, Any],
@@ -33,19 +44,12 @@ def init_lora(
     keys = jax.random.split(key, n_layers * len(lora_cfg.targets)).reshape(
         n_layers, len(lora_cfg.targets), -1
     )
-    r = lora_cfg.rank
-
-    def pair(k: Array, w_shape: tuple[int, ...]) -> dict[str, Array]:
-        fan_in, fan_out = w_shape[-2], w_shape[-1]
-        bound = 1.0 / math.sqrt(fan_in) if fan_in else 0.0
-        a = jax.random.uniform(k, (fan_in, r), jnp.float32, -bound, bound).astype(dtype)
-        return {"a": a, "b": jnp.zeros((r, fan_out), dtype)}
-
     out_layers = []
     for i in range(n_layers):
         layer = jax.tree.map(lambda x: x[i], layers) if stacked else layers[i]
         out_layers.append(
-            {name: pair(keys[i, j], layer[name].shape) for j, name in enumerate(lora_cfg.targets)}
+            {name: init_pair(keys[i, j], layer[name].shape, lora_cfg.rank, dtype)
+             for j, name in enumerate(lora_cfg.targets)}
         )
     if stacked:
         return {"layers": jax.tree.map(lambda *xs: jnp.stack(xs), *out_layers)}

@@ -29,8 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ..pruning.groups import Coupling, GroupKind
-from .lora import lora_linear
+from ..pruning.groups import Coupling, GroupKind, declared_masks
+from .lora import init_pair, lora_linear
 
 Array = jax.Array
 
@@ -187,21 +187,14 @@ def init_vit_lora(
     for i, layer in enumerate(layers):
         pairs = {}
         for j, name in enumerate(targets):
-            fan_in, fan_out = layer[name].shape
-            bound = 1.0 / math.sqrt(fan_in) if fan_in else 0.0
-            a = jax.random.uniform(keys[i * len(targets) + j], (fan_in, rank), jnp.float32, -bound, bound)
-            pairs[name] = {"a": a.astype(dtype), "b": jnp.zeros((rank, fan_out), dtype)}
+            pairs[name] = init_pair(keys[i * len(targets) + j], layer[name].shape, rank, dtype)
         out.append(pairs)
     return {"layers": out}
 
 
 def init_vit_masks(params: dict[str, Any], head_dim: int = HEAD_DIM, dtype: Any = jnp.float32) -> dict[str, Any]:
     """All-ones masks ``{"layers": [{"attn": (heads,), "mlp": (ffn,)}, ...]}`` for ``params``."""
-    out = []
-    for i in range(len(params["layers"])):
-        heads, ffn = widths(params, i, head_dim)
-        out.append({"attn": jnp.ones((heads,), dtype), "mlp": jnp.ones((ffn,), dtype)})
-    return {"layers": out}
+    return declared_masks(declaration(params, head_dim), dtype)
 
 
 def groups(params: dict[str, Any], layer_index: int, head_dim: int = HEAD_DIM) -> dict[str, GroupKind]:
