@@ -236,7 +236,11 @@ class LoraConfig:
 PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
 
 
-CRITERIA = ("lora", "vanilla", "magnitude", "random", "wanda")
+CRITERIA = ("lora", "vanilla", "magnitude", "random", "wanda", "fisher", "taylor")
+# criteria read off the gradients of gates on whole groups' outputs (pruning.gates)
+GATE_CRITERIA = ("fisher", "taylor")
+EMA_BETA = 0.9  # the paper's moving average of the scores
+GATE_EMA_BETA = 0.99  # the gate criteria's (see PruneConfig.ema_beta)
 
 GRANULARITIES = ("structured", "unstructured", "nm")
 
@@ -270,7 +274,9 @@ class PruneConfig:
     allocation: str = "uniform"  # or "global"
     exclude_first: float = 0.1  # layers with index < int(exclude_first * L) are not pruned
     exclude_last: bool = True
-    ema_beta: float = 0.9
+    # moving average of the scores; None: 0.9 (the paper) for the weight criteria, 0.99 for the
+    # gate criteria, whose per-example squared gradients need about 100 examples to settle
+    ema_beta: float | None = None
     # "structured" (heads / channels, the paper), "unstructured" (element-wise weight masks) or
     # "nm" (N:M along each kernel's input axis; the ratio is then 1 - N/M)
     granularity: str = "structured"
@@ -287,11 +293,20 @@ class PruneConfig:
             raise ValueError(f"power must be 1 or 2, got {self.power}")
         if self.allocation not in ("uniform", "global"):
             raise ValueError(f"allocation must be 'uniform' or 'global', got {self.allocation!r}")
-        if not 0.0 <= self.ema_beta < 1.0:
-            raise ValueError(f"ema_beta must be in [0, 1), got {self.ema_beta}")
+        if self.ema_beta is not None and (
+                isinstance(self.ema_beta, bool) or not isinstance(self.ema_beta, (int, float))
+                or not 0.0 <= self.ema_beta < 1.0):
+            raise ValueError(f"ema_beta must be a number in [0, 1) or null, got {self.ema_beta!r}")
         if self.granularity not in GRANULARITIES:
             raise ValueError(
                 f"unknown granularity {self.granularity!r}; choose from {', '.join(GRANULARITIES)}"
+            )
+        if self.criterion in GATE_CRITERIA and self.granularity != "structured":
+            raise ValueError(
+                f"prune.criterion={self.criterion} scores whole heads and channels through gates "
+                f"on their outputs and cannot rank single weights (prune.granularity="
+                f"{self.granularity}); use prune.granularity=structured or one of "
+                f"{', '.join(c for c in CRITERIA if c not in GATE_CRITERIA)}"
             )
         n, m = parse_nm(self.nm)
         if self.granularity == "nm":
@@ -304,6 +319,13 @@ class PruneConfig:
             if self.allocation != "uniform":
                 raise ValueError("prune.granularity=nm applies N:M to every matrix; "
                                  "prune.allocation must be uniform")
+
+    @property
+    def beta(self) -> float:
+        """The moving average's decay: ``ema_beta``, or the criterion's default when unset."""
+        if self.ema_beta is not None:
+            return float(self.ema_beta)
+        return GATE_EMA_BETA if self.criterion in GATE_CRITERIA else EMA_BETA
 
     @property
     def nm_pattern(self) -> tuple[int, int]:
@@ -397,7 +419,9 @@ class RunConfig:
 
 
 VISION_MODELS = ("vit-s", "cifar10-cnn")
-DECLARED_CRITERIA = ("lora", "magnitude", "random")  # criteria for models declared by groups
+# criteria for models declared by groups (their masks gate each group's output, so the gate
+# criteria apply too)
+DECLARED_CRITERIA = ("lora", "magnitude", "random", "fisher", "taylor")
 
 
 @dataclasses.dataclass(frozen=True)

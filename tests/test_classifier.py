@@ -39,7 +39,7 @@ def run_tiny(tmp_path, criterion="lora", ratio=0.5, steps=12, name="run"):
     return cfg, metrics, logs
 
 
-@pytest.mark.parametrize("criterion", ["lora", "magnitude", "random"])
+@pytest.mark.parametrize("criterion", ["lora", "magnitude", "random", "fisher", "taylor"])
 def test_tiny_vit_prunes_and_slices(tmp_path, criterion):
     cfg, m, logs = run_tiny(tmp_path, criterion)
     # only the last layer is excluded (the first 10% of 4 layers rounds down to none)

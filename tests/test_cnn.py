@@ -257,3 +257,27 @@ def test_check_params_catches_width_mismatch():
         cnn.check_params(params, TINY)
     with pytest.raises(ValueError, match="2 convs"):
         cnn.check_params(tiny_params(), cnn.CIFAR10_CNN)
+
+
+def test_per_example_gates_split_the_mask_gradient():
+    """Channel masks with a batch axis gate each example's channels on its own: the same logits,
+    and per-example gradients that sum to the shared masks' gradient."""
+    from loraprune_jax.pruning.gates import init_gates
+
+    params = tiny_params()
+    masks = {"layers": [{"channels": jnp.array([1, 0, 1, 1], jnp.float32)},
+                        {"channels": jnp.ones(6, jnp.float32)}]}
+    x = np.random.default_rng(5).normal(size=(3, 4, 4, 3)).astype(np.float32)
+
+    def total(m, images=x):
+        return jnp.sum(jax.nn.log_softmax(cnn.forward(params, images, masks=m, config=TINY))[:, 0])
+
+    gates = init_gates(masks, 3)
+    np.testing.assert_allclose(cnn.forward(params, x, masks=gates, config=TINY),
+                               cnn.forward(params, x, masks=masks, config=TINY), rtol=1e-6)
+    shared, per_example = jax.grad(total)(masks), jax.grad(total)(gates)
+    for a, b in zip(jax.tree.leaves(per_example), jax.tree.leaves(shared)):
+        np.testing.assert_allclose(np.asarray(a).sum(axis=0), np.asarray(b), rtol=1e-4, atol=1e-6)
+    last = jax.grad(lambda m: total(m, x[2:]))(masks)
+    np.testing.assert_allclose(per_example["layers"][1]["channels"][2], last["layers"][1]["channels"],
+                               rtol=1e-4, atol=1e-6)

@@ -6,7 +6,7 @@ import jax
 import pytest
 
 from conftest import tiny_config
-from loraprune_jax.config import LlamaConfig
+from loraprune_jax.config import LlamaConfig, PruneConfig, RunConfig
 from loraprune_jax.models.llama import init_base
 
 
@@ -96,3 +96,16 @@ def test_granularity_and_nm_pattern():
     un = RunConfig().override({"prune.granularity": "unstructured", "prune.ratio": 0.3,
                                "prune.allocation": "global"})
     assert un.prune.ratio == 0.3 and un.prune.element_wise
+
+
+def test_moving_average_defaults_per_criterion():
+    assert PruneConfig().ema_beta is None and PruneConfig().beta == 0.9  # the paper's
+    for criterion in ("fisher", "taylor"):
+        assert PruneConfig(criterion=criterion).beta == 0.99
+    assert PruneConfig(criterion="fisher", ema_beta=0.5).beta == 0.5
+    assert RunConfig().override({"prune.ema_beta": 0.95}).prune.beta == 0.95
+    for bad in ("x", 1.0, -0.1, True):
+        with pytest.raises(ValueError, match="ema_beta must be a number in"):
+            RunConfig().override({"prune.ema_beta": bad})
+    again = RunConfig.from_dict(RunConfig().override({"prune.criterion": "fisher"}).to_dict())
+    assert again.prune.ema_beta is None and again.prune.beta == 0.99

@@ -68,7 +68,8 @@ def test_random_is_keyed_and_shaped(layer):
 
 def test_missing_inputs_raise(layer):
     for crit, msg in [("lora", "LoRA adapters"), ("vanilla", "gradients of the frozen"),
-                      ("wanda", "input activation"), ("random", "PRNG key"), ("fisher", "unknown")]:
+                      ("wanda", "input activation"), ("random", "PRNG key"), ("fisher", "no weight scores"),
+                      ("obs", "unknown")]:
         with pytest.raises(ValueError, match=msg):
             layer_scores(crit, layer, None, K, scale=1.0)
 

@@ -48,3 +48,49 @@ def test_paper_table_on_a_tiny_model(tiny_run_inputs, tmp_path, capsys):
     assert paper_table.main(argv) == 0
     assert "==" not in capsys.readouterr().err
     assert list(csv.DictReader(open(out / "table.csv"))) == rows
+
+
+@pytest.mark.slow
+def test_diagnosis_on_a_tiny_model(tiny_run_inputs, tmp_path, capsys):
+    import json
+
+    import diagnose_lora
+
+    root, out = tiny_run_inputs, tmp_path / "diag"
+    argv = ["--out", str(out), "--steps", "3", "--checkpoints", "0", "3", "--seeds", "0", "1",
+            "--probes", "2", "--model", str(root / "model"), "--data", str(root / "train.txt"),
+            "--probe-text", str(root / "eval.txt"), "--seq-len", "32"]
+    assert diagnose_lora.main(argv) == 0
+    res = json.loads((out / "diagnosis.json").read_text())
+    assert res["layers"] == [0, 1, 2]  # the last of 4 layers is not pruned
+    for seed in ("0", "1"):
+        at0, at3 = res["seeds"][seed]["0"], res["seeds"][seed]["3"]
+        assert all(v == 0.0 for v in at0["bbt_over_ata"].values())  # B starts at zero
+        assert all(v > 0.0 for v in at3["bbt_over_ata"].values())  # and has trained
+        assert all(-1.0 <= v <= 1.0 for v in at0["spearman_vs_vanilla"].values())
+        assert at0["overlap_with_vanilla"]["lora attn 0.5"] is not None
+    agree = res["seed_agreement"]["0"]["mlp 0.5"]
+    assert 0.0 <= agree["seed_vs_seed"] <= 1.0 and len(agree["seed_vs_vanilla"]) == 2
+    assert "| step |" in capsys.readouterr().out and (out / "diagnosis.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_faithful_regime_on_a_tiny_model(tiny_run_inputs, tmp_path, capsys):
+    import json
+
+    import faithful_regime
+
+    root, out = tiny_run_inputs, tmp_path / "faithful"
+    argv = ["--out", str(out), "--settings", "0.3:6", "0.1:6:0.001", "--criteria", "lora", "fisher",
+            "--ratios", "0.5", "--eval", str(root / "eval.txt"),
+            f"model={root / 'model'}", f"data={root / 'train.txt'}", "train.seq_len=32",
+            "train.micro_batch_size=2", "eval_seq_len=32", "eval_max_windows=4",
+            "prune.prune_every=2", "lora.rank=2"]
+    assert faithful_regime.main(argv) == 0
+    rows = json.loads((out / "table.json").read_text())
+    assert [(r["setting"], r["ratio"]) for r in rows] == [("w0.3-s6", 0.5), ("w0.1-s6-lr0.001", 0.5)]
+    for r in rows:
+        assert r["lora"] > 1.0 and r["fisher"] > 1.0
+    cfg = json.loads((out / "w0.1-s6-lr0.001" / "fisher-0.5" / "run_config.json").read_text())
+    assert (cfg["prune"]["warmup"], cfg["train"]["steps"], cfg["train"]["lr"]) == (0.1, 6, 0.001)
+    assert capsys.readouterr().out.count("| 50% |") == 2

@@ -68,9 +68,10 @@ def test_run_reaches_the_ratio_and_exports(tiny_run_inputs, tmp_path):
     assert json.loads((out / "run_config.json").read_text())["train"]["steps"] == 20
 
 
-def test_one_shot_updates_masks_once(tiny_run_inputs, tmp_path):
+@pytest.mark.parametrize("criterion", ["wanda", "taylor"])
+def test_one_shot_updates_masks_once(tiny_run_inputs, tmp_path, criterion):
     cfg = config_for(tiny_run_inputs, tmp_path / "one", **{
-        "prune.one_shot": "true", "prune.calibration_steps": 3, "prune.criterion": "wanda"})
+        "prune.one_shot": "true", "prune.calibration_steps": 3, "prune.criterion": criterion})
     m = run_prune(cfg, progress=False, log=lambda s: None)
     kept = [h["mlp_kept"] for h in m["history"]]
     assert kept[:2] == [1.0, 1.0] and len(set(kept[2:])) == 1 and kept[2] < 1.0
@@ -87,7 +88,8 @@ def test_global_allocation_keeps_the_total(tiny_run_inputs, tmp_path):
 
 @pytest.mark.parametrize("bad, message", [
     ({"prune.ratio": 1.0}, "ratio must be in [0, 1)"),
-    ({"prune.criterion": "fisher"}, "unknown criterion"),
+    ({"prune.criterion": "obs"}, "unknown criterion"),
+    ({"prune.criterion": "fisher", "prune.granularity": "unstructured"}, "cannot rank single weights"),
     ({"model": "/nonexistent/model"}, "no such model"),
     ({"train.micro_batch_size": 4000}, "fewer than one batch"),
     ({"train.steps": "many"}, "expects int"),

@@ -18,6 +18,7 @@ from loraprune_jax.eval.perplexity import perplexity
 from loraprune_jax.models.llama import init_base, loss, stack_layers
 from loraprune_jax.models.lora import init_lora
 from loraprune_jax.parallel import mesh as pm
+from loraprune_jax.pruning.gates import ranking_scores
 from loraprune_jax.pruning.groups import init_masks
 from loraprune_jax.pruning.masks import update_masks
 from loraprune_jax.train.step import init_state, make_train_step
@@ -134,14 +135,15 @@ def _run(mesh, criterion: str, steps: int = STEPS):
         batch = tokens[s] if mesh is None else pm.global_array(tokens[s], pm.batch_sharding(mesh))
         state, metrics = step(state, base, masks, {"tokens": batch}, key)
         if s % 2 == 1:  # three prune steps: 12.5%, 25%, 37.5% of every layer but the first
-            masks = update_masks(masks, state["scores"], 0.125 * (s + 1) / 2, excluded=(0,))
+            masks = update_masks(masks, ranking_scores(criterion, state["scores"]),
+                                 0.125 * (s + 1) / 2, excluded=(0,))
         losses.append(float(metrics["loss"]))
     return losses, state, masks, step
 
 
 @pytest.fixture(scope="module")
 def reference():
-    return {c: _run(None, c) for c in ("lora", "vanilla", "wanda")}
+    return {c: _run(None, c) for c in ("lora", "vanilla", "wanda", "fisher", "taylor")}
 
 
 def _assert_same_run(got, ref):
@@ -168,7 +170,7 @@ def test_sharded_step_equals_single_device(spec, reference):
         assert leaf.sharding.is_fully_replicated  # LoRA, optimizer state, scores
 
 
-@pytest.mark.parametrize("criterion", ["vanilla", "wanda"])
+@pytest.mark.parametrize("criterion", ["vanilla", "wanda", "fisher", "taylor"])
 def test_sharded_criteria_equal_single_device(criterion, reference):
     _assert_same_run(_run(pm.make_mesh("data:2,fsdp:2,tensor:2"), criterion), reference[criterion])
 

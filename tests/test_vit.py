@@ -196,3 +196,26 @@ def test_nnx_wrapper_round_trips():
     assert jax.tree.structure(back) == jax.tree.structure(params)
     np.testing.assert_array_equal(back["layers"][2]["fc2"], params["layers"][2]["fc2"])
     np.testing.assert_allclose(model(images()), run(params, images()), rtol=1e-6, atol=1e-6)
+
+
+def test_per_example_gates_split_the_mask_gradient():
+    """Masks with a batch axis gate each example on its own: at the mask values the features are
+    unchanged and the per-example gradients sum to the gradient of the shared masks."""
+    from loraprune_jax.pruning.gates import init_gates
+
+    params, x = tiny(), images(n=3)
+    masks = vit.init_vit_masks(params, HD)
+    masks["layers"][1]["attn"] = masks["layers"][1]["attn"].at[2].set(0.0)
+
+    def total(m):
+        return jnp.sum(vit.features(params, x, masks=m, head_dim=HD) ** 2)
+
+    gates = init_gates(masks, 3)
+    np.testing.assert_allclose(run(params, x, masks=gates), run(params, x, masks=masks), rtol=1e-6)
+    shared, per_example = jax.grad(total)(masks), jax.grad(total)(gates)
+    for a, b in zip(jax.tree.leaves(per_example), jax.tree.leaves(shared)):
+        assert a.shape == (3, *b.shape)
+        np.testing.assert_allclose(np.asarray(a).sum(axis=0), np.asarray(b), rtol=1e-4, atol=1e-5)
+    one = jax.grad(lambda m: jnp.sum(vit.features(params, x[:1], masks=m, head_dim=HD) ** 2))(masks)
+    np.testing.assert_allclose(per_example["layers"][0]["mlp"][0], one["layers"][0]["mlp"],
+                               rtol=1e-4, atol=1e-5)

@@ -1,7 +1,9 @@
 """Cost of the importance criterion: `lora` (LoRA gradients only) against `vanilla` (true
-gradients of the frozen weights), side by side in one process, on the same model and batch.
+gradients of the frozen weights) and the gate criteria (`fisher`, `taylor`: gradients of group
+gates from the same backward pass), side by side in one process, on the same model and batch.
 
-    python experiments/bench/bench_criterion.py --batch 1 --seq-len 128 --steps 5
+    python experiments/bench/bench_criterion.py --batch 1 --seq-len 128 --steps 5 \
+        --criteria lora vanilla fisher taylor
 
 Reports the compiled step's memory (XLA's memory analysis of the executable: temporaries plus
 arguments and outputs) and the median step time, timed in alternation so machine noise hits both.
@@ -18,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from loraprune_jax.config import LoraConfig, PruneConfig, TrainConfig
+from loraprune_jax.config import CRITERIA, LoraConfig, PruneConfig, TrainConfig
 from loraprune_jax.eval.perplexity import window_nll
 from loraprune_jax.io import load_model
 from loraprune_jax.models.llama import stack_layers
@@ -34,7 +36,11 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--pruned", default=None, help="an exported pruned model directory")
+    ap.add_argument("--criteria", nargs="+", default=["lora", "vanilla"], choices=CRITERIA,
+                    help="compiled and timed in alternation; lora must be one of them")
     args = ap.parse_args()
+    if "lora" not in args.criteria:
+        ap.error("--criteria must include lora (every other criterion is compared with it)")
     config, base, _ = load_model(args.model)
     base = stack_layers(base)
     lc = LoraConfig()
@@ -44,7 +50,7 @@ def main() -> None:
     batch = {"tokens": jnp.asarray(tokens, jnp.int32)}
     key = jax.random.PRNGKey(0)
     runs = {}
-    for crit in ("lora", "vanilla"):
+    for crit in dict.fromkeys(args.criteria):
         step = make_train_step(config, lc, tc, PruneConfig(criterion=crit), donate=False)
         state = init_state(init_lora(jax.random.PRNGKey(0), base, lc), masks, tc)
         compiled = step.lower(state, base, masks, batch, key).compile()
@@ -64,10 +70,16 @@ def main() -> None:
     for crit, r in runs.items():
         print(f"| {crit} | {statistics.median(r['times']):.3f} | {r['temp'] / 2**20:.0f} | "
               f"{r['total'] / 2**20:.0f} |")
-    lo, va = runs["lora"], runs["vanilla"]
-    print(f"lora vs vanilla: temp memory {100 * (lo['temp'] / va['temp'] - 1):+.1f}%, total memory "
-          f"{100 * (lo['total'] / va['total'] - 1):+.1f}%, throughput "
-          f"{100 * (statistics.median(va['times']) / statistics.median(lo['times']) - 1):+.1f}%")
+    lo = runs["lora"]
+    for crit, r in runs.items():
+        if crit == "lora":
+            continue
+        a, b = (lo, r) if crit == "vanilla" else (r, lo)  # lora vs vanilla; the others vs lora
+        name = "lora vs vanilla" if crit == "vanilla" else f"{crit} vs lora"
+        print(f"{name}: temp memory {100 * (a['temp'] / b['temp'] - 1):+.1f}%, total memory "
+              f"{100 * (a['total'] / b['total'] - 1):+.1f}%, step time "
+              f"{100 * (statistics.median(a['times']) / statistics.median(b['times']) - 1):+.1f}%, "
+              f"throughput {100 * (statistics.median(b['times']) / statistics.median(a['times']) - 1):+.1f}%")
     if args.pruned:
         pcfg, pbase, _ = load_model(args.pruned)
         win = jnp.asarray(np.random.RandomState(1).randint(0, config.vocab_size, (8, 128)), jnp.int32)

@@ -157,7 +157,8 @@ def forward(
     """Logits ``(B, classes)`` of float pixel images ``(B, H, W, 3)`` in ``[0, 255]``.
 
     ``lora`` (see the module docstring) adds ``lora_scale * a @ b`` to the targeted kernels
-    without merging; ``masks`` zero conv output channels after BN.
+    without merging; ``masks`` zero conv output channels after BN (with a batch axis, ``(B, C)``,
+    they gate each example's channels on its own).
     """
     x = jnp.asarray(images_nhwc, jnp.float32)
     lora_convs = (lora or {}).get("convs")
@@ -166,8 +167,9 @@ def forward(
         pair = (lora_convs[i] or {}).get("kernel") if lora_convs is not None else None
         x = lora_conv(x, conv["kernel"], conv["bias"], pair, lora_scale, config.padding)
         x = batch_norm(jax.nn.relu(x), conv, config.bn_eps)
-        if masks is not None:
-            x = x * masks["layers"][i]["channels"].astype(x.dtype)
+        if masks is not None:  # (C,), or (B, C) per-example gates (pruning.gates)
+            m = masks["layers"][i]["channels"].astype(x.dtype)
+            x = x * (m if m.ndim == 1 else m[:, None, None, :])
         x = max_pool(x, pool)
     x = x.reshape(x.shape[0], -1)  # NHWC flatten: channel fastest, as Keras' Flatten
     for j, (dense, relu) in enumerate(zip(params["dense"], config.dense_relu)):

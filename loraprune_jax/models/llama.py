@@ -74,6 +74,33 @@ def causal_attention(q: Array, k: Array, v: Array) -> Array:
 
 
 # ----------------------------------------------------------------------------- one block
+def gate_groups(x: Array, gate: Array, width: int) -> Array:
+    """``x`` ``(B, T, n * width)`` times a per-example gate ``(B, n)`` on each group of ``width``
+    consecutive features.
+
+    The gates of the ``fisher`` and ``taylor`` criteria: at ``gate`` equal to the masks the
+    output is unchanged, and ``d loss / d gate`` is the first-order estimate of removing each
+    group from each example.
+    """
+    b, n = gate.shape
+    if x.shape[0] != b or x.shape[-1] != n * width:
+        raise ValueError(f"gates {gate.shape} x width {width} do not match features {x.shape}")
+    cols = jnp.repeat(gate.astype(x.dtype), width, axis=-1, total_repeat_length=n * width)
+    return x * cols[:, None, :]
+
+
+# The gated tensors (attention output, MLP activation) are recomputed in the backward pass from
+# what it keeps anyway (q, k, v; gate and up), so gating holds no second copy of them per layer.
+@functools.partial(jax.checkpoint, static_argnums=(4,))
+def _gated_attention(q: Array, k: Array, v: Array, gate: Array, width: int) -> Array:
+    return gate_groups(causal_attention(q, k, v), gate, width)
+
+
+@jax.checkpoint
+def _gated_activation(g: Array, u: Array, gate: Array) -> Array:
+    return gate_groups(jax.nn.silu(g) * u, gate, 1)
+
+
 def _sq_sum(x: Array) -> Array:
     """Sum of squares over all but the last axis, in float32 (input norms for wanda)."""
     x = x.astype(jnp.float32)
@@ -112,16 +139,19 @@ def mlp(
     config: LlamaConfig,
     proj: Callable[[str, Array, Array | None], Array],
     keys: Sequence[Array | None] = (None, None, None),
+    gate: Array | None = None,
 ) -> tuple[Array, Array, Array]:
     """The MLP half with its residual: ``(x + down(silu(gate) * up), normed input, activation)``,
-    the masks gating gate and up; shared by the forward pass and the KV-cache decoder."""
+    the masks gating gate and up; shared by the forward pass and the KV-cache decoder. ``gate``
+    ``(B, ffn)`` multiplies each example's activation before ``down`` (see :func:`gate_groups`)."""
     h = rms_norm(x, layer["mlp_norm"], config.rms_norm_eps)
     g, u = proj("gate", h, keys[0]), proj("up", h, keys[1])
     if mask is not None:
         m = mask["mlp"].astype(g.dtype)
         g, u = g * m, u * m
     act = jax.nn.silu(g) * u
-    return x + proj("down", act, keys[2]), h, act
+    down_in = act if gate is None else _gated_activation(g, u, gate)
+    return x + proj("down", down_in, keys[2]), h, act
 
 
 def masked_lora_linear(
@@ -175,12 +205,15 @@ def _block(
     dropout: float,
     key: Array | None,
     collect: bool = False,
+    gate: dict[str, Array] | None = None,
 ) -> tuple[Array, dict[str, Array]]:
     heads = layer["q"].shape[-1] // config.head_dim
     keys = list(jax.random.split(key, 7)) if key is not None else [None] * 7
     stats: dict[str, Array] = {}
     element = element_masks_of(mask)
     if element is not None:  # weight masks act inside proj; no group masks
+        if gate is not None:
+            raise ValueError("group gates need structured masks, not weight-shaped ones")
         mask = None
 
     def proj(name: str, inp: Array, k: Array | None) -> Array:
@@ -192,14 +225,19 @@ def _block(
     if heads > 0:
         h, q, k, v = attention_inputs(x, layer, mask, cos, sin, config, proj, keys[:3])
         attn = causal_attention(q, k, v)
-        x = x + proj("o", attn, keys[3])
+        o_in = attn
+        if gate is not None:  # one gate per attention unit: all query heads of its KV group
+            units = gate["attn"].shape[-1]
+            o_in = _gated_attention(q, k, v, gate["attn"], attn.shape[-1] // units)
+        x = x + proj("o", o_in, keys[3])
         if collect:
             stats["attn_in"], stats["o_in"] = _sq_sum(h), _sq_sum(attn)
     elif collect:
         stats["attn_in"] = jnp.zeros((x.shape[-1],), jnp.float32)
         stats["o_in"] = jnp.zeros((0,), jnp.float32)
     if layer["gate"].shape[-1] > 0:
-        x, h, act = mlp(x, layer, mask, config, proj, keys[4:])
+        x, h, act = mlp(x, layer, mask, config, proj, keys[4:],
+                        gate=gate["mlp"] if gate is not None else None)
         if collect:
             stats["mlp_in"], stats["down_in"] = _sq_sum(h), _sq_sum(act)
     elif collect:
@@ -221,6 +259,7 @@ def forward(
     remat: bool = False,
     return_hidden: bool = False,
     return_stats: bool = False,
+    gates: dict[str, Any] | None = None,
 ) -> Array | tuple[Array, dict[str, Any]]:
     """Logits ``(B, T, V)`` in float32 of the masked LoRA model on ``tokens`` ``(B, T)``.
 
@@ -232,6 +271,10 @@ def forward(
     With ``return_stats`` also returns ``{"layers": ...}`` holding, per layer, the sums of squares
     over all tokens of each projection's input (``attn_in`` for q/k/v, ``o_in``, ``mlp_in`` for
     gate/up, ``down_in``), laid out like the base layers: what the wanda criterion needs.
+    ``gates`` (structured masks only), laid out like the masks with a batch axis before the
+    groups (per layer ``{"attn": (B, units), "mlp": (B, ffn)}``), multiply each attention unit's
+    output before ``o`` and each MLP channel's activation before ``down``
+    (:func:`gate_groups`); their gradients are what the ``fisher`` and ``taylor`` criteria read.
     """
     if lora is not None and lora_cfg is None:
         raise ValueError("forward() got a LoRA tree but no lora_cfg (rank/alpha/dropout)")
@@ -250,6 +293,7 @@ def forward(
     layers = base["layers"]
     lora_layers = lora["layers"] if lora is not None else None
     mask_layers = masks["layers"] if masks is not None else None
+    gate_layers = gates["layers"] if gates is not None else None
 
     block = functools.partial(
         _block, cos=cos, sin=sin, config=config, scale=scale, dropout=dropout, collect=return_stats
@@ -262,11 +306,11 @@ def forward(
         layer_keys = jax.random.split(rng, n) if rng is not None else None
 
         def step(h: Array, xs: tuple) -> tuple[Array, dict[str, Array]]:
-            layer, adapters, mask, key = xs
-            h, layer_stats = block(h, layer, adapters, mask, key=key)
+            layer, adapters, mask, gate, key = xs
+            h, layer_stats = block(h, layer, adapters, mask, key=key, gate=gate)
             return constrain(h, _ACT), layer_stats
 
-        x, stats = jax.lax.scan(step, x, (layers, lora_layers, mask_layers, layer_keys))
+        x, stats = jax.lax.scan(step, x, (layers, lora_layers, mask_layers, gate_layers, layer_keys))
     else:
         n = len(layers)
         if n != config.num_layers:
@@ -280,6 +324,7 @@ def forward(
                 lora_layers[i] if lora_layers is not None else None,
                 mask_layers[i] if mask_layers is not None else None,
                 key=layer_keys[i],
+                gate=gate_layers[i] if gate_layers is not None else None,
             )
             x = constrain(x, _ACT)
             stats.append(layer_stats)
@@ -308,10 +353,12 @@ def token_nll(
     rng: Array | None = None,
     remat: bool = False,
     return_stats: bool = False,
+    gates: dict[str, Any] | None = None,
 ) -> Array | tuple[Array, dict[str, Any]]:
     """Next-token negative log-likelihood ``(B, T-1)`` of ``tokens[:, 1:]`` (and input stats)."""
     out = forward(
-        base, lora, masks, tokens, config, lora_cfg, rng=rng, remat=remat, return_stats=return_stats
+        base, lora, masks, tokens, config, lora_cfg, rng=rng, remat=remat,
+        return_stats=return_stats, gates=gates,
     )
     logits, stats = out if return_stats else (out, None)
     logits = logits[:, :-1]
@@ -333,6 +380,7 @@ def loss(
     rng: Array | None = None,
     remat: bool = False,
     return_stats: bool = False,
+    gates: dict[str, Any] | None = None,
 ) -> Array | tuple[Array, dict[str, Any]]:
     """Mean next-token NLL over ``batch["tokens"]``, weighted by ``batch["loss_mask"]`` if given.
 
@@ -342,7 +390,8 @@ def loss(
     """
     tokens = batch["tokens"]
     out = token_nll(
-        base, lora, masks, tokens, config, lora_cfg, rng=rng, remat=remat, return_stats=return_stats
+        base, lora, masks, tokens, config, lora_cfg, rng=rng, remat=remat,
+        return_stats=return_stats, gates=gates,
     )
     nll, stats = out if return_stats else (out, None)
     weights = batch.get("loss_mask")

@@ -103,14 +103,16 @@ def _block(
     h = layer_norm(x, layer["norm1_scale"], layer["norm1_bias"], eps)
     q, k, v = (proj(n, h, keys[i]).reshape(b, t, heads, head_dim) for i, n in enumerate("qkv"))
     ctx = attention(q, k, v)
-    if mask is not None:
-        ctx = ctx * mask["attn"].astype(ctx.dtype)[:, None]
+    if mask is not None:  # (heads,), or (B, heads) per-example gates (pruning.gates)
+        m = mask["attn"].astype(ctx.dtype)
+        ctx = ctx * (m[:, None] if m.ndim == 1 else m[:, None, :, None])
     x = x + layer["ls1"] * proj("o", ctx.reshape(b, t, heads * head_dim), keys[3])
 
     h = layer_norm(x, layer["norm2_scale"], layer["norm2_bias"], eps)
     act = jax.nn.gelu(proj("fc1", h, keys[4]), approximate=False)
     if mask is not None:
-        act = act * mask["mlp"].astype(act.dtype)
+        m = mask["mlp"].astype(act.dtype)
+        act = act * (m if m.ndim == 1 else m[:, None, :])
     return x + layer["ls2"] * proj("fc2", act, keys[5])
 
 
@@ -131,7 +133,9 @@ def forward(
 
     ``images`` are ``(B, H, W, C)`` already normalised (see ``data.images.to_model_input``) and
     must give as many patches as ``params["pos"]`` has positions. ``lora`` and ``masks`` may be
-    ``None``; LoRA dropout applies only when ``rng`` is given. Token 0 is the class token.
+    ``None``; LoRA dropout applies only when ``rng`` is given. Token 0 is the class token. Masks
+    multiply each head's output and each MLP activation, so they are the groups' gates; with a
+    batch axis (``(B, heads)``, ``(B, ffn)``) they gate each example on its own.
     """
     images = jnp.asarray(images)
     if images.ndim != 4:

@@ -1,7 +1,8 @@
-"""Pruning: declared groups, importance, criteria, schedules, mask updates (structured, element-wise,
-N:M), slicing."""
+"""Pruning: declared groups, importance, criteria (weight scores and group gates), schedules, mask
+updates (structured, element-wise, N:M), slicing."""
 
 from .criteria import declared_scores, element_scores, layer_scores, merged_weight
+from .gates import gate_statistic, init_gates, is_gate_criterion, ranking_scores
 from .groups import (
     Coupling,
     GroupKind,
@@ -66,9 +67,12 @@ __all__ = [
     "estimate_weight_grad",
     "excluded_layers",
     "expand_unit_mask",
+    "gate_statistic",
     "group_scores",
     "init_element_masks",
+    "init_gates",
     "init_masks",
+    "is_gate_criterion",
     "kept_groups",
     "kept_indices",
     "kinds_of",
@@ -86,6 +90,7 @@ __all__ = [
     "normalize",
     "num_to_prune",
     "num_units",
+    "ranking_scores",
     "reduce_to_groups",
     "slice_and_merge",
     "slice_declared",

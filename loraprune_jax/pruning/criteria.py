@@ -15,7 +15,7 @@ from typing import Any, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 
-from ..config import DECLARED_CRITERIA, PROJECTIONS
+from ..config import DECLARED_CRITERIA, GATE_CRITERIA, PROJECTIONS
 from ..models import lora as _lora  # module import: models.llama imports this package
 from .groups import at_path, group_scores
 from .importance import layer_group_scores, lora_guided_importance
@@ -54,6 +54,9 @@ def element_scores(
     N:M masks (``pruning.sparsity``) rank them directly. ``random`` draws uniform noise per
     element from ``key``.
     """
+    if criterion in GATE_CRITERIA:
+        raise ValueError(f"the {criterion} criterion scores whole groups through gates on their "
+                         "outputs inside the train step (pruning.gates); it has no weight scores")
     if criterion == "lora":
         if not adapters or lora_grads is None:
             raise ValueError("the lora criterion needs LoRA adapters and their gradients")
@@ -151,6 +154,9 @@ def declared_scores(
     if criterion not in DECLARED_CRITERIA:
         raise ValueError(f"criterion {criterion!r} is not available for declared models; "
                          f"choose from {', '.join(DECLARED_CRITERIA)}")
+    if criterion in GATE_CRITERIA:
+        raise ValueError(f"the {criterion} criterion scores groups from the gradients of their "
+                         "gates in the train step (pruning.gates), not from weights")
     if criterion == "lora" and (lora is None or lora_grads is None):
         raise ValueError("the lora criterion needs LoRA adapters and their gradients")
     if criterion == "random" and key is None:

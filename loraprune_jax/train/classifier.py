@@ -26,6 +26,7 @@ import optax
 from ..config import VISION_MODELS, ClassifierConfig
 from ..data import images as _images
 from ..pruning.criteria import declared_scores
+from ..pruning.gates import gate_statistic, init_gates, is_gate_criterion, ranking_scores
 from ..pruning.groups import declared_masks
 from ..pruning.importance import ema_update
 from ..pruning.masks import excluded_layers, mask_stats, update_masks
@@ -108,9 +109,14 @@ def make_classifier_step(family: Family, cfg: ClassifierConfig, declaration: lis
     dense model's logits ``(B, classes)`` when ``distill``."""
     optimizer = make_optimizer(cfg.train)
     scale, p = cfg.lora_scale, cfg.prune
+    gated = is_gate_criterion(p.criterion)
 
-    def loss_fn(trainable, params, masks, images, targets):
-        logits = family.logits(params, trainable.get("head"), images, trainable["lora"], masks, scale)
+    def loss_fn(trainable, gates, params, masks, images, targets):
+        # the masks gate each group's output in these models: per-example copies of them are the
+        # gates of the fisher/taylor criteria (same forward, same LoRA gradients)
+        gates_or_masks = gates if gates is not None else masks
+        logits = family.logits(params, trainable.get("head"), images, trainable["lora"],
+                               gates_or_masks, scale)
         if distill:
             ce = -jnp.sum(jax.nn.softmax(targets) * jax.nn.log_softmax(logits), axis=-1)
         else:
@@ -119,15 +125,20 @@ def make_classifier_step(family: Family, cfg: ClassifierConfig, declaration: lis
 
     @functools.partial(jax.jit, donate_argnums=(0,))
     def step(state, params, masks, images, targets, key):
-        (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state["trainable"], params, masks, images, targets)
+        gates = init_gates(masks, images.shape[0]) if gated else None
+        (loss, logits), grads = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(
+            state["trainable"], gates, params, masks, images, targets)
+        grads, gate_grads = grads
         grad_norm = optax.tree.norm(grads)
         grads = jax.tree.map(lambda g: g * jnp.minimum(1.0, cfg.train.clip_norm / (grad_norm + 1e-6)), grads)
         updates, opt_state = optimizer.update(grads, state["opt_state"], state["trainable"])
-        new_scores = declared_scores(p.criterion, params, state["trainable"]["lora"], declaration,
-                                     scale=scale, power=p.power, lora_grads=grads["lora"],
-                                     key=jax.random.fold_in(key, state["step"]))
-        scores, skipped = ema_update(state["scores"], new_scores, p.ema_beta)
+        if gated:
+            new_scores = gate_statistic(p.criterion, gate_grads)
+        else:
+            new_scores = declared_scores(p.criterion, params, state["trainable"]["lora"], declaration,
+                                         scale=scale, power=p.power, lora_grads=grads["lora"],
+                                         key=jax.random.fold_in(key, state["step"]))
+        scores, skipped = ema_update(state["scores"], new_scores, p.beta)
         labels = jnp.argmax(targets, -1) if distill else targets
         new_state = {"trainable": optax.apply_updates(state["trainable"], updates),
                      "opt_state": opt_state, "scores": scores, "step": state["step"] + 1}
@@ -200,8 +211,8 @@ def run_classifier(cfg: ClassifierConfig, *, log: Callable[[str], None] = print,
         targets = dense_logits[idx] if distill else data["train_y"][idx]
         state, metrics = step_fn(state, params, masks, images, targets, key)
         if schedule.is_update_step(step):
-            masks = update_masks(masks, state["scores"], schedule.ratio_at(step), excluded=excluded,
-                                 allocation=p.allocation)
+            masks = update_masks(masks, ranking_scores(p.criterion, state["scores"]),
+                                 schedule.ratio_at(step), excluded=excluded, allocation=p.allocation)
         record = {"step": step, "loss": float(metrics["loss"]), "acc": float(metrics["acc"]),
                   "target_ratio": schedule.ratio_at(step)}
         history.append(record)

@@ -46,6 +46,7 @@ from ..parallel.mesh import (
     replicated,
     shard_base,
 )
+from ..pruning.gates import ranking_scores
 from ..pruning.groups import init_masks
 from ..pruning.masks import (
     excluded_layers,
@@ -209,7 +210,8 @@ def update_run_masks(masks: Any, scores: Any, cfg: RunConfig, ratio: float,
         n, m = p.nm_pattern
         fraction = min(max(ratio / p.ratio, 0.0), 1.0)
         return update_nm_masks(masks, scores, fraction, n, m, excluded=excluded)
-    return update_masks(masks, scores, ratio, excluded=excluded, allocation=p.allocation)
+    return update_masks(masks, ranking_scores(p.criterion, scores), ratio, excluded=excluded,
+                        allocation=p.allocation)
 
 
 class ShardedData:

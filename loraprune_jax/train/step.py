@@ -8,6 +8,7 @@ Masks are an array argument, so rewriting them between calls never recompiles.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import jax
@@ -28,6 +29,7 @@ from ..parallel.mesh import (
     replicated,
 )
 from ..pruning.criteria import element_scores, layer_scores
+from ..pruning.gates import gate_statistic, init_gates, is_gate_criterion
 from ..pruning.importance import ema_update
 
 Array = jax.Array
@@ -105,7 +107,11 @@ def make_train_step(
     ``clip_norm``, fed to AdamW, and, with the same clipped gradients, turned into group scores
     under ``prune_cfg.criterion`` and folded into the EMA (skipped when not finite).
     ``vanilla`` also differentiates the frozen projection weights (that is its cost);
-    ``wanda`` collects input norms in the forward pass. With ``jit=False`` the function is
+    ``wanda`` collects input norms in the forward pass. ``fisher`` and ``taylor`` also
+    differentiate per-example gates equal to the masks (``pruning.gates``): the new score of a
+    group is the sum over examples of its squared gate gradient (``fisher``) or the signed
+    gradient of the step's loss (``taylor``, ranked by magnitude), taken before clipping, which
+    exists for the optimizer. With ``jit=False`` the function is
     returned untraced (for inspection); otherwise it is jitted with the state donated.
 
     With a ``mesh`` the step is compiled for it: the base is expected sharded by ``rules``
@@ -121,21 +127,27 @@ def make_train_step(
     """
     criterion = prune_cfg.criterion
     element = prune_cfg.element_wise
+    gated = is_gate_criterion(criterion)
+    if gated and element:
+        raise ValueError(f"criterion {criterion!r} scores groups; it needs structured masks")
     optimizer = make_optimizer(train_cfg)
     scale = lora_cfg.scale
     want_stats = criterion == "wanda"
 
-    def loss_fn(lora: Any, weights: Any, base: Any, masks: Any, micro: Any, key: Array):
+    def loss_fn(lora: Any, extra: Any, base: Any, masks: Any, micro: Any, key: Array):
+        # extra: the projection weights (vanilla) or the group gates (fisher, taylor)
+        weights = extra if criterion == "vanilla" else None
+        gates = extra if gated else None
         if weights is not None:
             base = _with_projection_weights(base, weights)
         out = model_loss(
             base, lora, masks, micro, config, lora_cfg,
             rng=key if lora_cfg.dropout > 0 else None,
-            remat=train_cfg.remat, return_stats=want_stats,
+            remat=train_cfg.remat, return_stats=want_stats, gates=gates,
         )
         return out if want_stats else (out, None)
 
-    argnums = (0, 1) if criterion == "vanilla" else 0
+    argnums = (0, 1) if criterion == "vanilla" or gated else 0
     grad_fn = jax.value_and_grad(loss_fn, argnums=argnums, has_aux=True)
 
     def step(state: State, base: Any, masks: Any, batch: dict[str, Array], key: Array):
@@ -143,22 +155,39 @@ def make_train_step(
         accum = batch["tokens"].shape[0]
         step_key = jax.random.fold_in(key, state["step"])
         drop_key, score_key = jax.random.split(step_key)
-        weights = _projection_weights(base) if criterion == "vanilla" else None
+        extra = None
+        if criterion == "vanilla":
+            extra = _projection_weights(base)
+        elif gated:  # equal to the masks, one per example: forward and LoRA grads unchanged
+            extra = init_gates(masks, batch["tokens"].shape[1])
 
         def micro_step(carry, xs):
             micro, k = xs
-            (value, stats), grads = grad_fn(lora, weights, base, masks, micro, k)
+            (value, stats), grads = grad_fn(lora, extra, base, masks, micro, k)
+            if gated:  # per-example gate gradients -> this micro-batch's fisher/taylor sums
+                grads = (grads[0], gate_statistic(criterion, grads[1]))
             total = jax.tree.map(jnp.add, carry, (value, grads, stats))
             return total, None
 
-        zeros = jax.eval_shape(grad_fn, lora, weights, base, masks,
-                               jax.tree.map(lambda x: x[0], batch), drop_key)
-        init = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (zeros[0][0], zeros[1], zeros[0][1]))
+        micro0 = jax.tree.map(lambda x: x[0], batch)
+        zeros = jax.eval_shape(grad_fn, lora, extra, base, masks, micro0, drop_key)
+        grad_zeros = zeros[1]
+        if gated:
+            grad_zeros = (grad_zeros[0], jax.eval_shape(
+                functools.partial(gate_statistic, criterion), grad_zeros[1]))
+        init = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (zeros[0][0], grad_zeros, zeros[0][1]))
         (loss_sum, grad_sum, stats_sum), _ = jax.lax.scan(
             micro_step, init, (batch, jax.random.split(drop_key, accum))
         )
-        mean = jax.tree.map(lambda g: g / accum, grad_sum)
-        lora_grads, weight_grads = mean if criterion == "vanilla" else (mean, None)
+        if gated:
+            # the step's loss is the mean over micro-batches: a gate gradient of the step is the
+            # micro-batch's over accum (squared for fisher); the LoRA gradients are averaged
+            gate_sum = grad_sum[1]
+            lora_grads = jax.tree.map(lambda g: g / accum, grad_sum[0])
+            weight_grads = None
+        else:
+            mean = jax.tree.map(lambda g: g / accum, grad_sum)
+            lora_grads, weight_grads = mean if criterion == "vanilla" else (mean, None)
         grad_norm = optax.tree.norm(lora_grads)
         clip = jnp.minimum(1.0, train_cfg.clip_norm / (grad_norm + 1e-6))
         lora_grads = jax.tree.map(lambda g: g * clip, lora_grads)
@@ -187,11 +216,15 @@ def make_train_step(
             )
 
         keys = layer_keys if isinstance(layers, dict) else list(layer_keys)
-        new_scores = {"layers": _map_layers(
-            one_layer, layers, lora["layers"], lora_grads["layers"],
-            weight_grads, stats_sum["layers"] if stats_sum is not None else None, keys,
-        )}
-        scores, skipped = ema_update(state["scores"], new_scores, prune_cfg.ema_beta)
+        if gated:  # already one score per group, from the gates; no per-module normalisation
+            power = 1 if criterion == "taylor" else 2
+            new_scores = jax.tree.map(lambda g: g / accum**power, gate_sum)
+        else:
+            new_scores = {"layers": _map_layers(
+                one_layer, layers, lora["layers"], lora_grads["layers"],
+                weight_grads, stats_sum["layers"] if stats_sum is not None else None, keys,
+            )}
+        scores, skipped = ema_update(state["scores"], new_scores, prune_cfg.beta)
 
         updates, opt_state = optimizer.update(lora_grads, state["opt_state"], lora)
         new_state = {

@@ -1,0 +1,58 @@
+"""Gate criteria (method.md section 4b): ``fisher`` and ``taylor`` scores of whole groups from
+the gradients of multiplicative gates on the groups' outputs.
+
+A gate multiplies one group's whole contribution to the residual stream (an attention unit's
+output before ``o``, an MLP channel's activation before ``down``) and is held at the group's mask
+value, so the forward pass and the LoRA gradients do not change. ``d loss / d gate`` is the
+first-order Taylor estimate of removing the group, exact per group rather than estimated per
+weight, and costs one reduction per group in the backward pass the LoRA step already runs.
+
+Gates carry one value per example (a batch axis before the group axis), so the same backward
+pass gives per-example gradients and the Fisher information is the empirical one of Kwon et al.
+2022, ``sum over examples of (d loss / d gate)^2``, not the square of a batch mean.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from ..config import GATE_CRITERIA
+
+Array = jax.Array
+
+
+def is_gate_criterion(criterion: str) -> bool:
+    """Whether ``criterion`` scores groups through gate gradients (``fisher``, ``taylor``)."""
+    return criterion in GATE_CRITERIA
+
+
+def init_gates(masks: Any, batch_size: int) -> Any:
+    """Per-example gates equal to the structured ``masks``: each group vector ``(..., n)`` becomes
+    ``(..., batch_size, n)`` (list or stacked layers alike)."""
+    def one(m: Array) -> Array:
+        m = jnp.asarray(m, jnp.float32)
+        return jnp.broadcast_to(m[..., None, :], (*m.shape[:-1], batch_size, m.shape[-1]))
+
+    return jax.tree.map(one, masks)
+
+
+def gate_statistic(criterion: str, gate_grads: Any) -> Any:
+    """One micro-batch's contribution to the new scores, shaped like the masks: the sum over
+    examples of the squared gate gradients (``fisher``) or of the signed gradients (``taylor``,
+    i.e. the gradient of the micro-batch loss)."""
+    if criterion == "fisher":
+        return jax.tree.map(lambda g: jnp.sum(jnp.square(g.astype(jnp.float32)), axis=-2), gate_grads)
+    if criterion == "taylor":
+        return jax.tree.map(lambda g: jnp.sum(g.astype(jnp.float32), axis=-2), gate_grads)
+    raise ValueError(f"{criterion!r} is not a gate criterion; choose from {', '.join(GATE_CRITERIA)}")
+
+
+def ranking_scores(criterion: str, scores: Any) -> Any:
+    """The scores masks are ranked by: ``taylor`` keeps the moving average of the *signed* gate
+    gradient and ranks by its magnitude; every other criterion ranks its scores as they are."""
+    if criterion == "taylor":
+        return jax.tree.map(jnp.abs, scores)
+    return scores
