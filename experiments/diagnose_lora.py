@@ -100,13 +100,14 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
     return float((ra * rb).sum() / den) if den else float("nan")
 
 
-def group_scores(ch: dict, layer: int, units: int) -> dict[str, np.ndarray]:
-    """Block scores (method.md section 2) of one layer from channel scores."""
+def group_scores(ch: dict, layer: int, units: int, skip: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+    """Block scores (method.md section 2) of one layer from channel scores, leaving out the
+    modules in ``skip``."""
     def unit(v: np.ndarray) -> np.ndarray:
         return v.reshape(units, -1).sum(axis=1)
 
-    attn = sum(np.asarray(normalize(jnp.asarray(unit(ch[n][layer])))) for n in ATTN)
-    mlp = sum(np.asarray(normalize(jnp.asarray(ch[n][layer]))) for n in MLP)
+    attn = sum(np.asarray(normalize(jnp.asarray(unit(ch[n][layer])))) for n in ATTN if n not in skip)
+    mlp = sum(np.asarray(normalize(jnp.asarray(ch[n][layer]))) for n in MLP if n not in skip)
     return {"attn": attn, "mlp": mlp}
 
 
@@ -130,8 +131,11 @@ def analyse(scores: dict, layers: list[int], units: int) -> dict:
         res["bbt_over_ata"][n] = float(np.mean(np_scores["bbt_over_ata"][n][layers]))
     groups = {c: [group_scores(np_scores[c], i, units) for i in layers] for c in ("lora", "vanilla", "magnitude")}
     groups["fisher"] = [{k: np_scores["fisher"][k][i] for k in ("attn", "mlp")} for i in layers]
+    # lora without its input-row modules (o, down): what their noise costs the block score
+    groups["lora w/o o,down"] = [group_scores(np_scores["lora"], i, units, skip=("o", "down"))
+                                 for i in layers]
     res["overlap_with_vanilla"] = {}
-    for c in ("lora", "fisher", "magnitude"):
+    for c in ("lora", "lora w/o o,down", "fisher", "magnitude"):
         for kind, ratios in (("mlp", (0.2, 0.5)), ("attn", (0.5,))):
             for r in ratios:
                 vals = [overlap(g[kind], v[kind], r) for g, v in zip(groups[c], groups["vanilla"])]
@@ -139,7 +143,7 @@ def analyse(scores: dict, layers: list[int], units: int) -> dict:
                 res["overlap_with_vanilla"][f"{c} {kind} {r:g}"] = float(np.mean(vals)) if vals else None
     res["mlp_group_spearman_vs_vanilla"] = {
         c: float(np.mean([spearman(g["mlp"], v["mlp"]) for g, v in zip(groups[c], groups["vanilla"])]))
-        for c in ("lora", "fisher", "magnitude")}
+        for c in ("lora", "lora w/o o,down", "fisher", "magnitude")}
     res["pruned_sets"] = {  # per layer, for seed-against-seed comparisons
         f"{c} {kind} {r:g}": [sorted(np.argsort(g[kind], kind="stable")[:num_to_prune(g[kind].shape[0], r)].tolist())
                               for g in groups[c]]
@@ -171,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     config, base, tokenizer = load_model(args.model, dtype="float32")
     base = stack_layers(base)
     lora_cfg = LoraConfig()
-    train_cfg = TrainConfig(steps=args.steps, seq_len=args.seq_len, micro_batch_size=1, lr=args.lr)
+    train_cfg = TrainConfig(steps=max(args.steps, 1), seq_len=args.seq_len, micro_batch_size=1, lr=args.lr)
     masks = init_masks(config, stacked=True)
     data = PackedDataset.from_texts(load_texts(args.data), tokenizer, args.seq_len,
                                     eos_id=config.eos_token_id)
@@ -255,12 +259,13 @@ def report(results: dict, checkpoints: list[int]) -> str:
     for s in checkpoints:
         lines.append(f"| {s} | " + " | ".join(f"{r0[str(s)]['bbt_over_ata'][n]:.3f}" for n in PROJECTIONS) + " |")
     keys = list(r0[str(checkpoints[0])]["overlap_with_vanilla"])
-    lines += ["", "| step | " + " | ".join(keys) + " | MLP group spearman lora / fisher / magnitude |",
+    names = " / ".join(r0[str(checkpoints[0])]["mlp_group_spearman_vs_vanilla"])
+    lines += ["", "| step | " + " | ".join(keys) + f" | MLP group spearman vs vanilla: {names} |",
               "| ---: |" + " ---: |" * (len(keys) + 1)]
     for s in checkpoints:
         ov, sp = r0[str(s)]["overlap_with_vanilla"], r0[str(s)]["mlp_group_spearman_vs_vanilla"]
         lines.append(f"| {s} | " + " | ".join("–" if ov[k] is None else f"{ov[k]:.2f}" for k in keys)
-                     + f" | {sp['lora']:.2f} / {sp['fisher']:.2f} / {sp['magnitude']:.2f} |")
+                     + " | " + " / ".join(f"{v:.2f}" for v in sp.values()) + " |")
     lines += ["", "| step | pruned set | lora seed vs seed | each lora seed vs vanilla |", "| ---: | --- | ---: | --- |"]
     for s in checkpoints:
         for what, v in results["seed_agreement"][str(s)].items():

@@ -16,24 +16,29 @@ import sys
 from pathlib import Path
 
 from loraprune_jax.cli import build_run_config
-from loraprune_jax.config import CRITERIA
-from loraprune_jax.train.loop import METRICS_FILE, run_prune
+from loraprune_jax.config import CRITERIA, RunConfig
+from loraprune_jax.train.loop import METRICS_FILE, RUN_CONFIG_FILE, run_prune
 
 
 def ensure_runs(
     ratios: list[float], criteria: list[str], root: Path, overrides: list[str]
 ) -> list[tuple[str, float, Path, dict]]:
     """``(criterion, ratio, run directory, metrics)`` of every run, pruning those not finished
-    under ``root`` (``root/<criterion>-<ratio>``) with the same ``key=value`` overrides."""
+    under ``root`` (``root/<criterion>-<ratio>``) with the same ``key=value`` overrides; a run
+    that was interrupted (its ``run_config.json`` written, no metrics yet) is resumed."""
     out_rows = []
     for ratio in ratios:
         for criterion in criteria:
             out = root / f"{criterion}-{ratio:g}"
-            if not (out / METRICS_FILE).exists():
+            log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+            if (out / RUN_CONFIG_FILE).exists() and not (out / METRICS_FILE).exists():
+                print(f"== {criterion} {ratio:g}: resuming {out}", file=sys.stderr, flush=True)
+                run_prune(RunConfig(out=str(out)), resume=True, progress=False, log=log)
+            elif not (out / METRICS_FILE).exists():
                 cfg = build_run_config(None, [*overrides, f"prune.ratio={ratio}",
                                               f"prune.criterion={criterion}", f"out={out}"])
                 print(f"== {criterion} {ratio:g} -> {out}", file=sys.stderr, flush=True)
-                run_prune(cfg, progress=False, log=lambda m: print(m, file=sys.stderr, flush=True))
+                run_prune(cfg, progress=False, log=log)
             out_rows.append((criterion, ratio, out, json.loads((out / METRICS_FILE).read_text())))
     return out_rows
 

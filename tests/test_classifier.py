@@ -39,6 +39,7 @@ def run_tiny(tmp_path, criterion="lora", ratio=0.5, steps=12, name="run"):
     return cfg, metrics, logs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("criterion", ["lora", "magnitude", "random", "fisher", "taylor"])
 def test_tiny_vit_prunes_and_slices(tmp_path, criterion):
     cfg, m, logs = run_tiny(tmp_path, criterion)
@@ -57,6 +58,7 @@ def test_tiny_vit_prunes_and_slices(tmp_path, criterion):
     assert any("accuracy" in line for line in logs)
 
 
+@pytest.mark.slow
 def test_tiny_vit_learns_the_task_without_pruning(tmp_path):
     _, m, _ = run_tiny(tmp_path, ratio=0.0, steps=30)
     assert m["params_after"] == m["params"]

@@ -109,6 +109,7 @@ def test_accuracy_on_twenty_cifar10_images(keras_model, cifar_images):
     assert (scaled == y).mean() < 0.5  # the model was not trained on rescaled inputs
 
 
+@pytest.mark.slow
 def test_masked_equals_sliced_on_real_weights(keras_model, cifar_images):
     params, config = keras_model
     x = cifar_images[0][:6]
@@ -192,6 +193,7 @@ def test_init_cnn_lora_shapes_and_bound():
         cnn.init_cnn_lora(jax.random.key(0), params, 2, 4, targets=("heads",))
 
 
+@pytest.mark.slow
 def test_estimated_conv_grad_is_the_sgd_step_change():
     """``estimate_weight_grad`` broadcasts over (kh, kw): one lr-1 SGD step on a and b moves
     ``a @ b`` by exactly minus the estimate; and the LoRA gradients are the chain rule through
@@ -259,6 +261,7 @@ def test_check_params_catches_width_mismatch():
         cnn.check_params(tiny_params(), cnn.CIFAR10_CNN)
 
 
+@pytest.mark.slow
 def test_per_example_gates_split_the_mask_gradient():
     """Channel masks with a batch axis gate each example's channels on its own: the same logits,
     and per-example gradients that sum to the shared masks' gradient."""

@@ -112,6 +112,7 @@ def test_random_element_scores_are_uniform_noise_per_weight(layer):
 
 
 # Any declared model: LLaMA's declaration through declared_scores gives LLaMA's own scores ----
+@pytest.mark.slow
 def test_declared_scores_equal_llama_scores():
     from conftest import randomize_b, tiny_config
     from loraprune_jax.config import LoraConfig

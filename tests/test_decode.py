@@ -87,6 +87,7 @@ def naive_greedy(base, cfg, prompt, n, lora=None, masks=None, lora_cfg=None):
 
 
 # ----------------------------------------------------------------------------- cache parity
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "kind, tied, stacked",
     [("mha", True, False), ("mha", False, True), ("gqa", False, False), ("gqa", True, True)],
@@ -110,6 +111,7 @@ def test_chunked_prefill_and_one_token_prompt():
     np.testing.assert_allclose(incremental_logits(base, cfg, PROMPT, 1), want, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_cache_matches_forward_pruned_widths():
     cfg, base = model("gqa")
     masks = random_masks(cfg, seed=1, empty_attn_layer=1)
@@ -120,6 +122,7 @@ def test_cache_matches_forward_pruned_widths():
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stacked", [False, True])
 def test_cache_matches_forward_lora_and_masks(kind, stacked):
     cfg, base = model(kind)
@@ -134,6 +137,7 @@ def test_cache_matches_forward_lora_and_masks(kind, stacked):
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_unmerged_masked_generation_equals_sliced_merged(kind):
     cfg, base = model(kind)
     lora = randomize_b(init_lora(jax.random.PRNGKey(3), base, LORA))
@@ -146,6 +150,7 @@ def test_unmerged_masked_generation_equals_sliced_merged(kind):
     np.testing.assert_array_equal(got, naive_greedy(base, cfg, PROMPT, 12, lora, masks, LORA))
 
 
+@pytest.mark.slow
 def test_bfloat16_cache_close_to_forward():
     cfg, base = model("gqa", dtype="bfloat16")
     base = jax.tree.map(lambda x: x.astype(jnp.bfloat16), base)
@@ -156,6 +161,7 @@ def test_bfloat16_cache_close_to_forward():
     assert generate(base, cfg, PROMPT, 4).shape == (2, 4)
 
 
+@pytest.mark.slow
 def test_left_padded_prefill_matches_unpadded():
     cfg, base = model("gqa")
     short = PROMPT[1, :6]
@@ -177,6 +183,7 @@ def test_greedy_equals_naive_loop(stacked):
     np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.slow
 def test_ragged_prompts_equal_each_alone():
     cfg, base = stacked_model("mha")
     prompts = [list(PROMPT[0]), list(PROMPT[1, :3]), [7]]
@@ -189,6 +196,7 @@ def test_ragged_prompts_equal_each_alone():
     np.testing.assert_array_equal(generate(base, cfg, prompts, 9, bucket=1), batch)
 
 
+@pytest.mark.slow
 def test_eos_stops_a_row_and_pads_with_eos():
     cfg, base = stacked_model("gqa")
     free = generate(base, cfg, PROMPT, 10)
@@ -205,6 +213,7 @@ def test_eos_stops_a_row_and_pads_with_eos():
     np.testing.assert_array_equal(alone, free[:1, : stop + 1])
 
 
+@pytest.mark.slow
 def test_sampling_reproducible_and_greedy_limits():
     cfg, base = stacked_model("gqa")
     greedy = generate(base, cfg, PROMPT, 8)
@@ -239,6 +248,7 @@ def test_filter_logits_top_p_keeps_smallest_nucleus():
     assert kept(filter_logits(logits, top_p=0.3)[1]) == {0, 1, 2, 3, 4}
 
 
+@pytest.mark.slow
 def test_compiles_once_per_shape():
     cfg, base = stacked_model("gqa")
     generate(base, cfg, PROMPT, 6, temperature=0.7, key=0, eos_id=3)

@@ -81,16 +81,34 @@ def test_faithful_regime_on_a_tiny_model(tiny_run_inputs, tmp_path, capsys):
     import faithful_regime
 
     root, out = tiny_run_inputs, tmp_path / "faithful"
-    argv = ["--out", str(out), "--settings", "0.3:6", "0.1:6:0.001", "--criteria", "lora", "fisher",
+    argv = ["--out", str(out), "--settings", "0.3:4:0.001", "--criteria", "fisher",
             "--ratios", "0.5", "--eval", str(root / "eval.txt"),
             f"model={root / 'model'}", f"data={root / 'train.txt'}", "train.seq_len=32",
-            "train.micro_batch_size=2", "eval_seq_len=32", "eval_max_windows=4",
-            "prune.prune_every=2", "lora.rank=2"]
+            "train.micro_batch_size=2", "eval_seq_len=32", "eval_max_windows=2",
+            "prune.prune_every=1", "lora.rank=2"]
     assert faithful_regime.main(argv) == 0
     rows = json.loads((out / "table.json").read_text())
-    assert [(r["setting"], r["ratio"]) for r in rows] == [("w0.3-s6", 0.5), ("w0.1-s6-lr0.001", 0.5)]
-    for r in rows:
-        assert r["lora"] > 1.0 and r["fisher"] > 1.0
-    cfg = json.loads((out / "w0.1-s6-lr0.001" / "fisher-0.5" / "run_config.json").read_text())
-    assert (cfg["prune"]["warmup"], cfg["train"]["steps"], cfg["train"]["lr"]) == (0.1, 6, 0.001)
-    assert capsys.readouterr().out.count("| 50% |") == 2
+    assert [(r["setting"], r["ratio"]) for r in rows] == [("w0.3-s4-lr0.001", 0.5)]
+    assert rows[0]["fisher"] > 1.0
+    cfg = json.loads((out / "w0.3-s4-lr0.001" / "fisher-0.5" / "run_config.json").read_text())
+    assert (cfg["prune"]["warmup"], cfg["train"]["steps"], cfg["train"]["lr"]) == (0.3, 4, 0.001)
+    assert capsys.readouterr().out.count("| 50% |") == 1
+    # a run interrupted before its metrics were written is resumed, not refused
+    (out / "w0.3-s4-lr0.001" / "fisher-0.5" / "metrics.json").unlink()
+    assert faithful_regime.main(argv) == 0
+    assert "resuming" in capsys.readouterr().err
+    again = json.loads((out / "table.json").read_text())
+    assert again[0]["fisher"] == pytest.approx(rows[0]["fisher"], rel=1e-6)
+
+
+def test_faithful_settings_parse():
+    import argparse
+
+    import faithful_regime
+
+    assert faithful_regime.parse_setting("0.3:100") == (0.3, 100, 1e-4)
+    assert faithful_regime.parse_setting("0.5:400:1e-3") == (0.5, 400, 1e-3)
+    assert faithful_regime.setting_name(0.5, 400, 1e-4) == "w0.5-s400"
+    for bad in ("0.3", "a:100", "0.3:1.5", "0.1:2:3:4"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            faithful_regime.parse_setting(bad)

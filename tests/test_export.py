@@ -162,6 +162,7 @@ def test_generate_with_cache_when_first_layer_has_no_heads(tokens, tmp_path):
     np.testing.assert_allclose(torch.cat(parts, 1).numpy(), full, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_end_to_end_masked_lora_to_torch(kind, tokens, tmp_path):
     cfg, base, masks = pruned_model(kind, tied=False)
     rs = np.random.RandomState(4)

@@ -45,7 +45,9 @@ def gate_loss(gates, base, lora, masks, toks, cfg):
     return loss(base, lora, masks, {"tokens": toks}, cfg, LC, gates=gates)
 
 
-@pytest.mark.parametrize("stacked, scaled", [(False, False), (True, False), (False, True)])
+@pytest.mark.slow
+@pytest.mark.parametrize("kind, stacked, scaled", [("mha", False, False), ("gqa", True, False),
+                                                   ("gqa", False, True)])
 def test_gate_gradient_equals_finite_difference(kind, stacked, scaled):
     # float32 (the logits are float32 whatever the inputs): a five-point central difference with
     # eps 2e-2 keeps truncation (O(eps^4)) and rounding errors near 2e-5
@@ -65,7 +67,7 @@ def test_gate_gradient_equals_finite_difference(kind, stacked, scaled):
     checked = 0
     for i, leaf in enumerate(leaves):
         flat = np.asarray(leaf).reshape(-1)
-        for j in rng.choice(flat.size, size=min(flat.size, 6), replace=False):
+        for j in rng.choice(flat.size, size=min(flat.size, 4), replace=False):
             def at(delta):
                 bumped = flat.copy()
                 bumped[j] += delta
@@ -76,7 +78,7 @@ def test_gate_gradient_equals_finite_difference(kind, stacked, scaled):
             got = float(np.asarray(grad_leaves[i]).reshape(-1)[j])
             assert abs(got - fd) <= 1e-4, (i, j, got, fd)
             checked += 1
-    assert checked >= 12
+    assert checked >= 8
     if scaled:
         return
     # the gates at the masks leave the forward pass unchanged
@@ -84,13 +86,14 @@ def test_gate_gradient_equals_finite_difference(kind, stacked, scaled):
     np.testing.assert_allclose(gate_loss(gates, base, lora, masks, toks, cfg), plain, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_gate_gradient_is_the_signed_taylor_sum_over_owned_rows(kind):
     """dL/dg of a group equals the signed sum of dL/dW * W over the rows of o / down it owns."""
     cfg, base, lora, masks = model(kind)
     toks = tokens(cfg)
     gates = init_gates(masks, toks.shape[0])
-    g_gates = jax.grad(gate_loss)(gates, base, lora, masks, toks, cfg)
-    g_base = jax.grad(lambda b: loss(b, lora, masks, {"tokens": toks}, cfg, LC))(base)
+    g_gates = jax.jit(jax.grad(gate_loss), static_argnums=5)(gates, base, lora, masks, toks, cfg)
+    g_base = jax.jit(jax.grad(lambda b: loss(b, lora, masks, {"tokens": toks}, cfg, LC)))(base)
     per_unit = cfg.num_heads // cfg.num_kv_heads * cfg.head_dim
     for i in range(cfg.num_layers):
         layer, grads, pairs = base["layers"][i], g_base["layers"][i], lora["layers"][i]
@@ -114,6 +117,7 @@ def _setup_step(accum=2, micro=3, dropout=0.0, stacked=True):
     return cfg, lc, tc, base, lora, masks, batch
 
 
+@pytest.mark.slow
 def test_step_under_gate_criteria_updates_lora_exactly_as_lora():
     cfg, lc, tc, base, lora, masks, batch = _setup_step(dropout=0.05)
     out = {}
@@ -130,18 +134,16 @@ def test_step_under_gate_criteria_updates_lora_exactly_as_lora():
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stacked", [False, True])
 def test_step_scores_are_per_example_fisher_and_signed_taylor(stacked):
     cfg, lc, tc, base, lora, masks, batch = _setup_step(stacked=stacked)
     accum, micro = batch["tokens"].shape[:2]
-    per_example = []  # d step-loss / d gate of each example, straight from jax.grad
+    grad_fn = jax.jit(jax.grad(gate_loss), static_argnums=5)
+    per_example = []  # d step-loss / d gate of each example (the step's loss is the accum mean)
     for k in range(accum):
-        for e in range(micro):
-            def step_loss(g, k=k, e=e):
-                gates = init_gates(masks, micro)
-                gates = jax.tree.map(lambda a, b: a.at[..., e, :].set(b), gates, g)
-                return gate_loss(gates, base, lora, masks, batch["tokens"][k], cfg) / accum
-            per_example.append(jax.grad(step_loss)(masks))
+        g = grad_fn(init_gates(masks, micro), base, lora, masks, batch["tokens"][k], cfg)
+        per_example += [jax.tree.map(lambda x, e=e: x[..., e, :] / accum, g) for e in range(micro)]
     fisher = jax.tree.map(lambda *g: sum(x**2 for x in g), *per_example)
     taylor = jax.tree.map(lambda *g: sum(g), *per_example)
     for criterion, want in (("fisher", fisher), ("taylor", taylor)):
@@ -185,3 +187,21 @@ def test_init_gates_shapes_and_errors():
         PruneConfig(criterion="fisher", granularity="unstructured")
     with pytest.raises(ValueError, match="cannot rank single weights"):
         PruneConfig(criterion="taylor", granularity="nm", ratio=0.5)
+
+
+def test_gates_need_structured_masks():
+    from loraprune_jax.pruning.sparsity import init_element_masks
+
+    cfg, base, lora, masks = model("gqa")
+    toks = tokens(cfg)
+    element = init_element_masks(cfg, ("q", "down"))
+    with pytest.raises(ValueError, match="group gates need structured masks"):
+        loss(base, lora, element, {"tokens": toks}, cfg, LC, gates=init_gates(masks, toks.shape[0]))
+    # PruneConfig refuses fisher with weight masks; a config built around that check is refused
+    # by the step too
+    bad = object.__new__(PruneConfig)
+    for field, value in {**PruneConfig().__dict__, "criterion": "fisher",
+                         "granularity": "unstructured"}.items():
+        object.__setattr__(bad, field, value)
+    with pytest.raises(ValueError, match="needs structured masks"):
+        make_train_step(cfg, LC, TrainConfig(), bad)

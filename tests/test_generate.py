@@ -92,6 +92,7 @@ def _parser():
     return parser
 
 
+@pytest.mark.slow
 def test_cli_generate(tiny, tiny_dir, capsys):
     cfg, base, tok = tiny
     args = _parser().parse_args(

@@ -253,6 +253,7 @@ def smollm2(tmp_path_factory):
     return cache, first
 
 
+@pytest.mark.slow
 def test_smollm2_config_and_shapes(smollm2):
     _, (config, base, tok) = smollm2
     assert bundled_gguf_path().name == "SmolLM2-135M-Instruct.Q4_1.gguf"

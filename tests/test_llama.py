@@ -215,6 +215,7 @@ def test_gradients_flow_to_lora_only(kind, tokens):
     np.testing.assert_array_equal(np.asarray(grads["layers"][0]["v"]["b"][:, :hd]), 0.0)
 
 
+@pytest.mark.slow
 def test_remat_gives_same_loss_and_grads(tokens):
     cfg, base = model("gqa")
     lora = randomize_b(init_lora(jax.random.PRNGKey(0), base, LORA))
@@ -385,6 +386,7 @@ def test_all_ones_element_masks_equal_no_masks_with_dropout(tokens):
         np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_element_masks_zero_the_lora_gradient_of_pruned_weights(tokens):
     """Through ``(W + s A @ B) * M`` the gradient of ``A @ B`` vanishes where ``M`` is 0."""
     cfg, base, lora, masks = _element_setup("gqa")

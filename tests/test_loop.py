@@ -38,6 +38,7 @@ def config_for(root: Path, out: Path, **extra) -> RunConfig:
     return build_run_config(None, tiny_overrides(root, out, **extra))
 
 
+@pytest.mark.slow
 def test_run_reaches_the_ratio_and_exports(tiny_run_inputs, tmp_path):
     root = tiny_run_inputs
     out = tmp_path / "run"
@@ -68,6 +69,7 @@ def test_run_reaches_the_ratio_and_exports(tiny_run_inputs, tmp_path):
     assert json.loads((out / "run_config.json").read_text())["train"]["steps"] == 20
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("criterion", ["wanda", "taylor"])
 def test_one_shot_updates_masks_once(tiny_run_inputs, tmp_path, criterion):
     cfg = config_for(tiny_run_inputs, tmp_path / "one", **{
@@ -78,6 +80,7 @@ def test_one_shot_updates_masks_once(tiny_run_inputs, tmp_path, criterion):
     assert m["layers"]["mlp_channels_kept"] == [16, 16, 16, 32]
 
 
+@pytest.mark.slow
 def test_global_allocation_keeps_the_total(tiny_run_inputs, tmp_path):
     cfg = config_for(tiny_run_inputs, tmp_path / "glob", **{"prune.allocation": "global",
                                                              "prune.criterion": "magnitude"})
@@ -116,6 +119,7 @@ def test_existing_output_directory_is_refused(tiny_run_inputs, tmp_path, capsys)
     assert os.listdir(out) == ["keep.txt"]
 
 
+@pytest.mark.slow
 def test_run_on_a_mesh_equals_one_device(tiny_run_inputs, tmp_path):
     """Tensor parallel over KV groups (2 units, ratio 0 keeps both) and data parallel batches."""
     root = tiny_run_inputs
@@ -167,6 +171,7 @@ def test_killed_run_resumes_to_the_same_result(tiny_run_inputs, tmp_path):
 
 
 # ----------------------------------------------------------------------------- weight masks
+@pytest.mark.slow
 @pytest.mark.parametrize("granularity, extra, target", [
     ("unstructured", {"prune.ratio": 0.3, "prune.criterion": "lora"}, 0.3),
     ("nm", {"prune.criterion": "wanda"}, 0.5),

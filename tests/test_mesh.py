@@ -159,6 +159,7 @@ def _assert_same_run(got, ref):
     assert float(np.asarray(masks["layers"]["mlp"]).mean()) < 0.9
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("spec", MESHES)
 def test_sharded_step_equals_single_device(spec, reference):
     mesh = pm.make_mesh(spec)
@@ -170,11 +171,13 @@ def test_sharded_step_equals_single_device(spec, reference):
         assert leaf.sharding.is_fully_replicated  # LoRA, optimizer state, scores
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("criterion", ["vanilla", "wanda", "fisher", "taylor"])
 def test_sharded_criteria_equal_single_device(criterion, reference):
     _assert_same_run(_run(pm.make_mesh("data:2,fsdp:2,tensor:2"), criterion), reference[criterion])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("spec", ["fsdp:8", "data:2,fsdp:2,tensor:2"])
 def test_sharded_lora_gradients_equal(spec):
     mesh = pm.make_mesh(spec)

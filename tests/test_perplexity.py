@@ -18,6 +18,7 @@ from loraprune_jax.models.lora import init_lora
 from loraprune_jax.pruning.groups import init_masks
 
 
+@pytest.mark.slow
 def test_protocol_matches_direct_nll():
     cfg = tiny_config("gqa")
     base = init_base(cfg, 0, std=0.2)

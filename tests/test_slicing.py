@@ -217,6 +217,7 @@ def _toy_forward(params, x, lora=None, masks=None, scale=0.5):
     return h @ params["head"]
 
 
+@pytest.mark.slow
 def test_declared_masked_equals_sliced():
     params, lora, decl = _toy()
     masks = {"layers": [{"h": jnp.array([1.0, 0.0, 1.0])}, {"h": jnp.array([0, 1, 1, 0, 1, 1, 1, 0.0])}]}

@@ -38,6 +38,7 @@ def mean_grads(base, lora, masks, batch, cfg):
     return jax.tree.map(lambda *g: sum(g) / len(g), *gs)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stacked", [False, True])
 def test_lora_scores_match_direct_computation(stacked):
     cfg, base, lora, masks, tc, batch = setup(stacked=stacked, clip=0.01)
@@ -59,6 +60,7 @@ def test_lora_scores_match_direct_computation(stacked):
     np.testing.assert_allclose(metrics["loss"], want_loss, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_vanilla_uses_true_weight_gradients():
     cfg, base, lora, masks, tc, batch = setup(kind="mha")
     step = make_train_step(cfg, LC, tc, PruneConfig(criterion="vanilla"), donate=False)
@@ -74,6 +76,7 @@ def test_vanilla_uses_true_weight_gradients():
         np.testing.assert_allclose(state["scores"]["layers"][i]["mlp"], 0.1 * want["mlp"], rtol=2e-4)
 
 
+@pytest.mark.slow
 def test_accumulation_equals_one_big_batch():
     cfg, base, lora, masks, tc2, batch = setup(accum=2, micro=1)
     tc1 = TrainConfig(steps=10, micro_batch_size=2, grad_accum=1, seq_len=16)
@@ -87,6 +90,7 @@ def test_accumulation_equals_one_big_batch():
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), s1["scores"], s2["scores"])
 
 
+@pytest.mark.slow
 def test_mask_rewrites_never_recompile():
     cfg, base, lora, masks, tc, batch = setup(stacked=True)
     step = make_train_step(cfg, LC, tc, PruneConfig(), donate=True)
@@ -102,6 +106,7 @@ def test_mask_rewrites_never_recompile():
     assert int(state["step"]) == 6
 
 
+@pytest.mark.slow
 def test_training_lowers_the_loss_and_scores_accumulate():
     cfg, base, lora, masks, _, batch = setup(stacked=True)
     tc = TrainConfig(steps=30, micro_batch_size=2, grad_accum=2, seq_len=16, lr=1e-2)
@@ -126,6 +131,7 @@ def test_non_finite_scores_are_skipped():
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), new["scores"], state["scores"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("criterion", ["magnitude", "random", "wanda"])
 def test_other_criteria_give_group_scores(criterion):
     cfg, base, lora, masks, tc, batch = setup(stacked=True)
@@ -165,6 +171,7 @@ def element_setup(stacked, **kw):
     return cfg, base, lora, init_element_masks(cfg, LC.targets, stacked=stacked), tc, batch
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stacked", [False, True])
 def test_element_scores_ema_inside_the_step(stacked):
     from loraprune_jax.pruning.criteria import element_scores
@@ -193,6 +200,7 @@ def test_element_scores_ema_inside_the_step(stacked):
     np.testing.assert_allclose(metrics["loss"], want_loss, rtol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("criterion", ["magnitude", "random", "wanda", "vanilla"])
 def test_other_criteria_give_element_scores(criterion):
     cfg, base, lora, masks, tc, batch = element_setup(True)
@@ -204,6 +212,7 @@ def test_other_criteria_give_element_scores(criterion):
     assert bool(jnp.all(s["down"] >= 0)) and float(jnp.max(s["down"])) > 0
 
 
+@pytest.mark.slow
 def test_element_mask_rewrites_never_recompile():
     from loraprune_jax.pruning.sparsity import update_element_masks, update_nm_masks
 

@@ -83,6 +83,7 @@ def slice_layer(layer: dict, heads: np.ndarray, channels: np.ndarray) -> dict:
     return out
 
 
+@pytest.mark.slow
 def test_masked_equals_sliced():
     params = tiny()
     keep_heads = [np.array([0, 2]), np.array([], int), np.array([0, 1, 2, 3])]  # layer 1: no heads
@@ -166,6 +167,7 @@ def test_lora_gradients_and_dropout():
 
 
 # ----------------------------------------------------------------------------- misc
+@pytest.mark.slow
 def test_shapes_and_bad_inputs():
     params = tiny()
     out = run(params, images(n=3))
@@ -198,6 +200,7 @@ def test_nnx_wrapper_round_trips():
     np.testing.assert_allclose(model(images()), run(params, images()), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_per_example_gates_split_the_mask_gradient():
     """Masks with a batch axis gate each example on its own: at the mask values the features are
     unchanged and the per-example gradients sum to the gradient of the shared masks."""
@@ -207,15 +210,17 @@ def test_per_example_gates_split_the_mask_gradient():
     masks = vit.init_vit_masks(params, HD)
     masks["layers"][1]["attn"] = masks["layers"][1]["attn"].at[2].set(0.0)
 
-    def total(m):
-        return jnp.sum(vit.features(params, x, masks=m, head_dim=HD) ** 2)
+    @jax.jit
+    @jax.grad
+    def grad_total(m, images=x):
+        return jnp.sum(vit.features(params, images, masks=m, head_dim=HD) ** 2)
 
     gates = init_gates(masks, 3)
     np.testing.assert_allclose(run(params, x, masks=gates), run(params, x, masks=masks), rtol=1e-6)
-    shared, per_example = jax.grad(total)(masks), jax.grad(total)(gates)
+    shared, per_example = grad_total(masks), grad_total(gates)
     for a, b in zip(jax.tree.leaves(per_example), jax.tree.leaves(shared)):
         assert a.shape == (3, *b.shape)
         np.testing.assert_allclose(np.asarray(a).sum(axis=0), np.asarray(b), rtol=1e-4, atol=1e-5)
-    one = jax.grad(lambda m: jnp.sum(vit.features(params, x[:1], masks=m, head_dim=HD) ** 2))(masks)
+    one = grad_total(masks, x[:1])
     np.testing.assert_allclose(per_example["layers"][0]["mlp"][0], one["layers"][0]["mlp"],
                                rtol=1e-4, atol=1e-5)

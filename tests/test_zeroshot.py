@@ -242,6 +242,7 @@ def test_stderr_is_sample_std_over_sqrt_n():
 
 
 # ----------------------------------------------------------------------------- exact scores
+@pytest.mark.slow
 @pytest.mark.parametrize("make", [gqa_model, pruned_model], ids=["gqa", "pruned"])
 def test_loglikelihoods_equal_token_nll_on_concatenation(tok, make):
     cfg, base = make()
@@ -317,6 +318,7 @@ def test_left_truncation_to_max_length(tok):
         score_tokens(base, cfg, [([1], list(range(12)))], max_length=10, progress=False)
 
 
+@pytest.mark.slow
 def test_masks_and_lora_reach_the_model(tok):
     cfg, base = gqa_model()
     encoded = encode_requests(tok, all_requests()[:6])
