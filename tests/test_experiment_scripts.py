@@ -112,3 +112,39 @@ def test_faithful_settings_parse():
     for bad in ("0.3", "a:100", "0.3:1.5", "0.1:2:3:4"):
         with pytest.raises(argparse.ArgumentTypeError):
             faithful_regime.parse_setting(bad)
+
+
+@pytest.mark.slow
+def test_bench_peer_on_a_tiny_model(tiny_run_inputs, capsys):
+    """Both stacks train the same exported weights in their own processes: the first losses
+    agree (B = 0, so the adapters add nothing), and the last line gives a ratio per shape."""
+    sys.path.insert(0, str(EXPERIMENTS / "bench"))
+    import bench_peer
+
+    argv = ["--model", str(tiny_run_inputs / "model"), "--shapes", "1x16", "2x8", "--steps", "1"]
+    assert bench_peer.main(argv) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[-1].startswith("ratio 1x16 ") and " 2x8 " in out[-1]
+    rows = {(r[0].strip(), r[1].strip()): r[2:] for r in
+            (line.split("|")[1:-1] for line in out if line.startswith(("| 1 x 16", "| 2 x 8")))}
+    assert set(rows) == {(s, n) for s in ("1 x 16", "2 x 8") for n in ("ours", "PyTorch + PEFT")}
+    for shape in ("1 x 16", "2 x 8"):
+        (ours, lo, faults, system), (peer, lp, *_) = rows[shape, "ours"], rows[shape, "PyTorch + PEFT"]
+        assert float(ours) > 0 and float(peer) > 0 and float(faults) >= 0 and float(system) >= 0
+        assert float(lo) == pytest.approx(float(lp), abs=1e-4) and float(lo) > 1.0
+    # one stack alone: no ratio line
+    assert bench_peer.main([*argv[:3], "1x16", "--steps", "1", "--sides", "ours"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert not out[-1].startswith("ratio") and out[-1].startswith("| 1 x 16 | ours |")
+
+
+def test_bench_peer_shapes_parse():
+    import argparse
+
+    sys.path.insert(0, str(EXPERIMENTS / "bench"))
+    import bench_peer
+
+    assert bench_peer.parse_shape("2x256") == (2, 256)
+    for bad in ("2", "ax3", "0x128", "2x1"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            bench_peer.parse_shape(bad)

@@ -178,6 +178,31 @@ def test_gqa_with_as_many_kv_heads_equals_mha():
     np.testing.assert_allclose(np.asarray(got[0]), want, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("t, max_blocks", [(64, 16), (65, 16), (200, 16), (200, 3)])
+def test_blocked_causal_attention_equals_one_score_matrix(t, max_blocks, monkeypatch):
+    """Query blocks (64 rows, or t / max_blocks when longer) give the values and gradients of
+    the one T x T softmax: one block, a one-row last block, several, and longer blocks."""
+    from loraprune_jax.models import llama
+    from loraprune_jax.models.llama import causal_attention
+
+    monkeypatch.setattr(llama, "MAX_QUERY_BLOCKS", max_blocks)
+    rs = np.random.RandomState(t)
+    q, k, v = (jnp.asarray(rs.randn(2, t, h, 8), jnp.float32) for h in (6, 2, 2))
+
+    def reference(q, k, v):  # GQA as repeated KV heads, one masked score matrix
+        kr, vr = jnp.repeat(k, 3, axis=2), jnp.repeat(v, 3, axis=2)
+        scores = jnp.einsum("bthd,bshd->bhts", q, kr) / np.sqrt(8.0)
+        scores = jnp.where(jnp.tril(jnp.ones((t, t), bool)), scores, -jnp.inf)
+        out = jnp.einsum("bhts,bshd->bthd", jax.nn.softmax(scores, axis=-1), vr)
+        return out.reshape(2, t, 48)
+
+    np.testing.assert_allclose(causal_attention(q, k, v), reference(q, k, v), atol=2e-6, rtol=2e-6)
+    got = jax.grad(lambda *a: jnp.sum(causal_attention(*a) ** 2), argnums=(0, 1, 2))(q, k, v)
+    want = jax.grad(lambda *a: jnp.sum(reference(*a) ** 2), argnums=(0, 1, 2))(q, k, v)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, atol=2e-5, rtol=2e-5)
+
+
 def test_gqa_equals_mha_with_repeated_kv_heads(tokens):
     cfg, base = model("gqa")
     g = cfg.num_heads // cfg.num_kv_heads
