@@ -8,12 +8,15 @@ token batches: LoRA r=8, alpha 16, dropout 0.05 on q, k, v, o, gate, up, down; A
 no weight decay); gradient clipping at global norm 1.0; and the LoRA-guided importance with its
 moving average (method.md sections 1-3: ``|(gB a + b gA - gB gA) * (W + s b a)|`` per weight, reduced
 to output channels of q/k/v/gate/up and input channels of o/down, folded into a 0.9 moving
-average). Each side runs in its own worker process (in one process, a PyTorch step left XLA's
-next step 40% slower at 4 x 512, through the shared allocator); the parent sends both the same
-batch in turn and collects the step times, so machine noise hits both, and reports medians after
-two warm-up steps. PyTorch runs on ``--threads`` threads (XLA uses every core of the machine:
-run this on a machine with that many cores, or the comparison is not like for like). The last
-line is the ratio of the two median step times at each shape (> 1: ours is faster).
+average). Each side runs in its own worker process, so neither imports or allocates inside
+the other. The parent sends both the same batch in turn and collects the step times, so machine
+noise hits both, and reports medians after two warm-up steps. Each worker also reports its page
+faults and system seconds per step: the memory one side frees and the other faults in again
+costs system time (at 4 x 512 our step takes 9.7 s alone and 12.1 s in turn with PyTorch).
+``--sides ours`` times one side alone. PyTorch runs on ``--threads`` threads (XLA uses every
+core of the machine: run this on a machine with that many cores, or the comparison is not like
+for like). With both sides, the last line is the ratio of the two median step times at each
+shape (> 1: ours is faster).
 
 Needs the ``bench`` extra (``pip install -e '.[bench]'``: torch and PEFT).
 """
