@@ -27,10 +27,10 @@ def ensure_runs(
     under ``root`` (``root/<criterion>-<ratio>``) with the same ``key=value`` overrides; a run
     that was interrupted (its ``run_config.json`` written, no metrics yet) is resumed."""
     out_rows = []
+    log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     for ratio in ratios:
         for criterion in criteria:
             out = root / f"{criterion}-{ratio:g}"
-            log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
             if (out / RUN_CONFIG_FILE).exists() and not (out / METRICS_FILE).exists():
                 print(f"== {criterion} {ratio:g}: resuming {out}", file=sys.stderr, flush=True)
                 run_prune(RunConfig(out=str(out)), resume=True, progress=False, log=log)

@@ -148,3 +148,21 @@ def test_bench_peer_shapes_parse():
     for bad in ("2", "ax3", "0x128", "2x1"):
         with pytest.raises(argparse.ArgumentTypeError):
             bench_peer.parse_shape(bad)
+
+
+@pytest.mark.slow
+def test_profile_step_on_a_tiny_model(tiny_run_inputs, capsys):
+    sys.path.insert(0, str(EXPERIMENTS / "bench"))
+    import profile_step
+
+    assert profile_step.main(["--model", str(tiny_run_inputs / "model"), "--shapes", "1x16", "--steps", "1"]) == 0
+    out = capsys.readouterr().out
+    rows = {r[0].strip(): r[1:] for r in (line.split("|")[1:-1] for line in out.splitlines()
+                                         if line.startswith("| ") and not line.startswith("| phase")
+                                         and not line.startswith("| ---"))}
+    assert set(rows) == {"step", "forward", "backward", "dropout (fwd + bwd)", "attention x 4 layers",
+                         "lm head + loss", "importance (lora, to groups)", "clip + AdamW"}
+    assert float(rows["step"][0]) > 0 and rows["step"][1].strip() == "100%"  # seconds, share
+    assert rows["step"][5].strip() == "all" and rows["forward"][5].strip() == "in step"
+    for cells in rows.values():
+        float(cells[2])  # GFLOP, a number (tiny here)

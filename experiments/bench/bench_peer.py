@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from loraprune_jax.config import LoraConfig, PruneConfig, TrainConfig
+from loraprune_jax.config import EMA_BETA, LoraConfig, PruneConfig, TrainConfig
 from loraprune_jax.io import export_hf, load_model
 from loraprune_jax.models.llama import stack_layers
 from loraprune_jax.models.lora import init_lora
@@ -132,7 +132,7 @@ def _serve(side: str, conn, model: str, hf_dir: str, batch: int, seq: int, threa
 
         torch.set_num_threads(threads)
         tc = TrainConfig()
-        fn = TorchStep(Path(hf_dir), LoraConfig(), tc.lr, tc.clip_norm, 0.9, seed=0)
+        fn = TorchStep(Path(hf_dir), LoraConfig(), tc.lr, tc.clip_norm, EMA_BETA, seed=0)
     import resource
 
     conn.send("ready")

@@ -128,7 +128,7 @@ def profile(config, base, batch: int, seq: int, steps: int) -> list[tuple[str, f
 
     def update(lora, grads, opt_state):
         norm = optax.tree.norm(grads)
-        grads = jax.tree.map(lambda g: g * jnp.minimum(1.0, 1.0 / (norm + 1e-6)), grads)
+        grads = jax.tree.map(lambda g: g * jnp.minimum(1.0, tc.clip_norm / (norm + 1e-6)), grads)
         updates, opt_state = opt.update(grads, opt_state, lora)
         return optax.apply_updates(lora, updates), opt_state
 
