@@ -255,6 +255,9 @@ def _env_wants_distributed() -> bool:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from .train.hostmem import keep_freed_memory
+
+    keep_freed_memory()  # before any JAX thread allocates; LORAPRUNE_JAX_SYSTEM_MALLOC=1: not
     args = build_parser().parse_args(argv)
     for attr in ("seq_len", "max_windows", "batch_size"):
         values = getattr(args, attr, None)

@@ -71,3 +71,27 @@ def test_config_validation():
     with pytest.raises(ValueError, match="dropout"):
         LoraConfig(dropout=1.0)
     assert LoraConfig(rank=8, alpha=16).scale == 2.0
+
+
+def test_lora_linear_gradients_over_batch_and_sequence():
+    """The adapter path flattens (batch, seq) to tokens: values and gradients (x, A, B) equal
+    the per-example formula with the same dropout mask."""
+    r = np.random.RandomState(0)
+    x = jnp.asarray(r.randn(3, 5, 16), jnp.float32)
+    w = jnp.asarray(r.randn(16, 12), jnp.float32)
+    pair = {"a": jnp.asarray(r.randn(16, 4), jnp.float32), "b": jnp.asarray(r.randn(4, 12), jnp.float32)}
+    key = jax.random.PRNGKey(3)
+    keep = jax.random.bernoulli(key, 0.8, x.shape)
+
+    def ours(x, pair):
+        return jnp.sum(jnp.sin(lora_linear(x, w, pair, 0.5, 0.2, key)))
+
+    def reference(x, pair):
+        xd = jnp.where(keep, x / 0.8, 0.0)
+        y = jnp.einsum("btd,do->bto", x, w) + 0.5 * jnp.einsum("btd,dr,ro->bto", xd, pair["a"], pair["b"])
+        return jnp.sum(jnp.sin(y))
+
+    got, want = jax.grad(ours, (0, 1))(x, pair), jax.grad(reference, (0, 1))(x, pair)
+    np.testing.assert_allclose(ours(x, pair), reference(x, pair), rtol=1e-5)
+    for g, e in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-5)

@@ -27,9 +27,11 @@ from loraprune_jax.models.llama import stack_layers
 from loraprune_jax.models.lora import init_lora
 from loraprune_jax.pruning.groups import init_masks
 from loraprune_jax.train.step import init_state, make_train_step
+from loraprune_jax.train.hostmem import keep_freed_memory
 
 
 def main() -> None:
+    keep_freed_memory()  # as the CLI does (loraprune_jax.train.hostmem)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--batch", type=int, default=1)

@@ -34,6 +34,7 @@ from loraprune_jax.models.lora import init_lora  # noqa: E402
 from loraprune_jax.pruning.groups import init_masks  # noqa: E402
 from loraprune_jax.pruning.masks import excluded_layers, update_masks  # noqa: E402
 from loraprune_jax.pruning.slicing import slice_and_merge  # noqa: E402
+from loraprune_jax.train.hostmem import keep_freed_memory
 
 
 def pruned(base, config, ratio: float, seed: int = 0):
@@ -47,6 +48,7 @@ def pruned(base, config, ratio: float, seed: int = 0):
 
 
 def main() -> None:
+    keep_freed_memory()  # as the CLI does (loraprune_jax.train.hostmem)
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2")

@@ -11,8 +11,10 @@ to output channels of q/k/v/gate/up and input channels of o/down, folded into a 
 average). Each side runs in its own worker process, so neither imports or allocates inside
 the other. The parent sends both the same batch in turn and collects the step times, so machine
 noise hits both, and reports medians after two warm-up steps. Each worker also reports its page
-faults and system seconds per step: the memory one side frees and the other faults in again
-costs system time (at 4 x 512 our step takes 9.7 s alone and 12.1 s in turn with PyTorch).
+faults and system seconds per step. Our worker first sets malloc to keep freed memory, as our
+CLI does (``loraprune_jax.train.hostmem``; ``--ours-malloc system`` turns that off, and
+``--torch-malloc keep`` gives PyTorch the same): with glibc's defaults every step faults its
+buffers in again (at 4 x 512, 1.6 million faults and 9.7 s alone, 12.1 s in turn with PyTorch).
 ``--sides ours`` times one side alone. PyTorch runs on ``--threads`` threads (XLA uses every
 core of the machine: run this on a machine with that many cores, or the comparison is not like
 for like). With both sides, the last line is the ratio of the two median step times at each
@@ -40,6 +42,7 @@ from loraprune_jax.io import export_hf, load_model
 from loraprune_jax.models.llama import stack_layers
 from loraprune_jax.models.lora import init_lora
 from loraprune_jax.pruning.groups import init_masks
+from loraprune_jax.train.hostmem import keep_freed_memory
 from loraprune_jax.train.step import init_state, make_train_step
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -123,8 +126,11 @@ class OursStep:
         return float(metrics["loss"])
 
 
-def _serve(side: str, conn, model: str, hf_dir: str, batch: int, seq: int, threads: int) -> None:
+def _serve(side: str, conn, model: str, hf_dir: str, batch: int, seq: int, threads: int,
+           keep_memory: bool) -> None:
     """A worker process: build one side's step, then time one step per batch received."""
+    if keep_memory:  # what our CLI does first thing (loraprune_jax.train.hostmem)
+        keep_freed_memory()
     if side == "ours":
         fn = OursStep(model, batch, seq, seed=0)
     else:
@@ -155,8 +161,9 @@ def _side_by_side(args, hf_dir: Path, vocab: int, batch: int, seq: int) -> dict[
     workers = {}
     for side in args.sides:
         parent, child = ctx.Pipe()
+        keep = (args.ours_malloc if side == "ours" else args.torch_malloc) == "keep"
         proc = ctx.Process(target=_serve, args=(side, child, args.model, str(hf_dir), batch, seq,
-                                                args.threads), daemon=True)
+                                                args.threads, keep), daemon=True)
         proc.start()
         workers[side] = (proc, parent)
     try:
@@ -200,6 +207,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--malloc-hugepages", action="store_true",
                     help="run both workers with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (glibc >= 2.35: "
                          "large allocations on transparent huge pages, far fewer page faults)")
+    ap.add_argument("--ours-malloc", choices=["keep", "system"], default="keep",
+                    help="our worker's malloc: keep freed memory in-process as our CLI does "
+                         "(loraprune_jax.train.hostmem, the default) or glibc's defaults")
+    ap.add_argument("--torch-malloc", choices=["keep", "system"], default="system",
+                    help="the PyTorch worker's malloc (default: glibc's defaults, as the authors run it)")
     args = ap.parse_args(argv)
     if args.steps < 1:
         ap.error("--steps must be >= 1")
@@ -220,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr, flush=True)
     print(f"{args.model}, float32, {cores} cores (XLA), PyTorch {torch.__version__} on {args.threads} "
           f"threads, peft {peft.__version__}, jax {jax.__version__}; medians of {args.steps} steps"
+          + f"; malloc: ours {args.ours_malloc}, PyTorch {args.torch_malloc}"
           + ("; workers with glibc.malloc.hugetlb=1" if args.malloc_hugepages else ""))
     print("| batch x seq | stack | step s | first loss | page faults per step | system s per step |")
     print("| --- | --- | ---: | ---: | ---: | ---: |")

@@ -46,6 +46,7 @@ from loraprune_jax.models.lora import init_lora  # noqa: E402
 from loraprune_jax.pruning.criteria import layer_scores  # noqa: E402
 from loraprune_jax.pruning.groups import init_masks  # noqa: E402
 from loraprune_jax.train.step import init_state, make_optimizer, make_train_step  # noqa: E402
+from loraprune_jax.train.hostmem import keep_freed_memory
 
 
 def measure(fn, *args, steps: int) -> tuple[float, float]:
@@ -138,6 +139,7 @@ def profile(config, base, batch: int, seq: int, steps: int) -> list[tuple[str, f
 
 
 def main(argv: list[str] | None = None) -> int:
+    keep_freed_memory()  # as the CLI does (loraprune_jax.train.hostmem)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--shapes", type=parse_shape, nargs="+", default=[(1, 128), (2, 256), (4, 512)], metavar="BxT")

@@ -26,6 +26,7 @@ from flax import nnx
 from ..config import PROJECTIONS, LlamaConfig, LoraConfig
 from ..parallel.mesh import constrain
 from ..pruning.groups import expand_unit_mask
+from .dropout import dropout as apply_dropout
 from .lora import lora_linear
 
 _ACT = ("batch", "seq", "embed")  # logical axes of the hidden states between blocks
@@ -195,10 +196,9 @@ def masked_lora_linear(
         return x @ (w * mask.astype(w.dtype))
     delta = scale * (pair["a"].astype(jnp.float32) @ pair["b"].astype(jnp.float32))
     if dropout > 0.0 and key is not None:
-        keep = jax.random.bernoulli(key, 1.0 - dropout, x.shape)
-        xd = jnp.where(keep, x / (1.0 - dropout), jnp.zeros_like(x))
+        xd = apply_dropout(x, dropout, key).reshape(-1, x.shape[-1])  # (tokens, in): see lora_linear
         y = x @ (w * mask.astype(w.dtype))
-        return y + (xd @ (delta * mask.astype(jnp.float32)).astype(x.dtype)).astype(y.dtype)
+        return y + (xd @ (delta * mask.astype(jnp.float32)).astype(x.dtype)).reshape(y.shape).astype(y.dtype)
     merged = ((w.astype(jnp.float32) + delta) * mask.astype(jnp.float32)).astype(w.dtype)
     return x @ merged
 

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..config import LoraConfig
+from .dropout import dropout as apply_dropout
 
 Array = jax.Array
 
@@ -68,11 +69,11 @@ def lora_linear(
     y = x @ w
     if pair is None:
         return y
-    xd = x
-    if dropout > 0.0 and key is not None:
-        keep = jax.random.bernoulli(key, 1.0 - dropout, x.shape)
-        xd = jnp.where(keep, x / (1.0 - dropout), jnp.zeros_like(x))
-    return y + (scale * ((xd @ pair["a"].astype(x.dtype)) @ pair["b"].astype(x.dtype))).astype(y.dtype)
+    # The adapter path runs on (tokens, features): the gradients of A and B then contract one
+    # token axis, which XLA's CPU dot takes as laid out; over (batch, seq) it transposes a copy.
+    xd = apply_dropout(x, dropout, key).reshape(-1, x.shape[-1])
+    delta = (xd @ pair["a"].astype(x.dtype)) @ pair["b"].astype(x.dtype)
+    return y + (scale * delta.reshape(y.shape)).astype(y.dtype)
 
 
 def merge_pair(w: Array, pair: dict[str, Array] | None, scale: float) -> Array:
