@@ -32,12 +32,12 @@ def ensure_runs(
         for criterion in criteria:
             out = root / f"{criterion}-{ratio:g}"
             if (out / RUN_CONFIG_FILE).exists() and not (out / METRICS_FILE).exists():
-                print(f"== {criterion} {ratio:g}: resuming {out}", file=sys.stderr, flush=True)
+                log(f"== {criterion} {ratio:g}: resuming {out}")
                 run_prune(RunConfig(out=str(out)), resume=True, progress=False, log=log)
             elif not (out / METRICS_FILE).exists():
                 cfg = build_run_config(None, [*overrides, f"prune.ratio={ratio}",
                                               f"prune.criterion={criterion}", f"out={out}"])
-                print(f"== {criterion} {ratio:g} -> {out}", file=sys.stderr, flush=True)
+                log(f"== {criterion} {ratio:g} -> {out}")
                 run_prune(cfg, progress=False, log=log)
             out_rows.append((criterion, ratio, out, json.loads((out / METRICS_FILE).read_text())))
     return out_rows

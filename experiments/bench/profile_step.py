@@ -45,8 +45,8 @@ from loraprune_jax.models.llama import causal_attention, logits_from_hidden, los
 from loraprune_jax.models.lora import init_lora  # noqa: E402
 from loraprune_jax.pruning.criteria import layer_scores  # noqa: E402
 from loraprune_jax.pruning.groups import init_masks  # noqa: E402
-from loraprune_jax.train.step import init_state, make_optimizer, make_train_step  # noqa: E402
-from loraprune_jax.train.hostmem import keep_freed_memory
+from loraprune_jax.train.hostmem import keep_freed_memory  # noqa: E402
+from loraprune_jax.train.step import clip_by_global_norm, init_state, make_optimizer, make_train_step  # noqa: E402
 
 
 def measure(fn, *args, steps: int) -> tuple[float, float]:
@@ -128,8 +128,7 @@ def profile(config, base, batch: int, seq: int, steps: int) -> list[tuple[str, f
     opt_state = opt.init(lora)
 
     def update(lora, grads, opt_state):
-        norm = optax.tree.norm(grads)
-        grads = jax.tree.map(lambda g: g * jnp.minimum(1.0, tc.clip_norm / (norm + 1e-6)), grads)
+        grads, _, _ = clip_by_global_norm(grads, tc.clip_norm)
         updates, opt_state = opt.update(grads, opt_state, lora)
         return optax.apply_updates(lora, updates), opt_state
 

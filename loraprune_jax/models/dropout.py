@@ -2,10 +2,9 @@
 
 On CPU, JAX lowers the threefry hash as a rolled five-iteration loop, so XLA writes and copies
 ``uint32`` arrays the size of each projection's input on every iteration: 12% of our train step
-at 2 x 256 tokens. This
-module evaluates the same hash (Salmon et al. 2011, the threefry-2x32 variant with 20 rounds that
-JAX uses) as one straight-line elementwise expression, which XLA fuses into a single pass. We
-write our own because JAX exposes no unrolled CPU lowering. Keys, counters and the float
+at 2 x 256 tokens. This module evaluates the same hash (Salmon et al. 2011, the threefry-2x32
+variant with 20 rounds that JAX uses) as one straight-line elementwise expression, which XLA
+fuses into a single pass. We write our own because JAX exposes no unrolled CPU lowering. Keys, counters and the float
 conversion follow JAX's partitionable threefry exactly, so masks, losses and pinned test values
 do not move. Other PRNG implementations or settings fall back to ``jax.random.bernoulli``.
 """

@@ -32,7 +32,7 @@ from ..pruning.importance import ema_update
 from ..pruning.masks import excluded_layers, mask_stats, update_masks
 from ..pruning.slicing import count_params, slice_declared
 from .loop import METRICS_FILE, RUN_CONFIG_FILE, make_schedule, write_json
-from .step import make_optimizer
+from .step import clip_by_global_norm, make_optimizer
 
 Array = jax.Array
 
@@ -129,8 +129,7 @@ def make_classifier_step(family: Family, cfg: ClassifierConfig, declaration: lis
         (loss, logits), grads = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(
             state["trainable"], gates, params, masks, images, targets)
         grads, gate_grads = grads
-        grad_norm = optax.tree.norm(grads)
-        grads = jax.tree.map(lambda g: g * jnp.minimum(1.0, cfg.train.clip_norm / (grad_norm + 1e-6)), grads)
+        grads, grad_norm, _ = clip_by_global_norm(grads, cfg.train.clip_norm)
         updates, opt_state = optimizer.update(grads, state["opt_state"], state["trainable"])
         if gated:
             new_scores = gate_statistic(p.criterion, gate_grads)

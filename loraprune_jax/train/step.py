@@ -48,6 +48,14 @@ def make_optimizer(train_cfg: TrainConfig) -> optax.GradientTransformation:
     return optax.adamw(schedule, b1=0.9, b2=0.999, eps=1e-8, weight_decay=train_cfg.weight_decay)
 
 
+def clip_by_global_norm(grads: Any, clip_norm: float) -> tuple[Any, Array, Array]:
+    """``grads`` scaled to global norm at most ``clip_norm``, with their norm before and the factor
+    applied (our own: the metrics log the norm, and vanilla's weight gradients take the same factor)."""
+    norm = optax.tree.norm(grads)
+    factor = jnp.minimum(1.0, clip_norm / (norm + 1e-6))
+    return jax.tree.map(lambda g: g * factor, grads), norm, factor
+
+
 def zero_scores(masks: dict[str, Any]) -> dict[str, Any]:
     """EMA scores start at zero, shaped like the masks (group vectors or weight-shaped)."""
     return jax.tree.map(lambda m: jnp.zeros(m.shape, jnp.float32), masks)
@@ -188,9 +196,7 @@ def make_train_step(
         else:
             mean = jax.tree.map(lambda g: g / accum, grad_sum)
             lora_grads, weight_grads = mean if criterion == "vanilla" else (mean, None)
-        grad_norm = optax.tree.norm(lora_grads)
-        clip = jnp.minimum(1.0, train_cfg.clip_norm / (grad_norm + 1e-6))
-        lora_grads = jax.tree.map(lambda g: g * clip, lora_grads)
+        lora_grads, grad_norm, clip = clip_by_global_norm(lora_grads, train_cfg.clip_norm)
         if weight_grads is not None:  # kept in the weights' dtype: no f32 copy of a bf16 model
             weight_grads = jax.tree.map(lambda g: g * clip.astype(g.dtype), weight_grads)
 
