@@ -46,10 +46,12 @@ from loraprune_jax.data.packing import PackedDataset, tokenize_join
 from loraprune_jax.io import load_model
 from loraprune_jax.models.llama import loss, stack_layers
 from loraprune_jax.models.lora import init_lora
-from loraprune_jax.pruning.gates import init_gates
-from loraprune_jax.pruning.groups import init_masks, normalize
-from loraprune_jax.pruning.importance import lora_guided_importance, module_axis
-from loraprune_jax.pruning.masks import excluded_layers, num_to_prune
+from loraprune_jax.core.gates import init_gates
+from loraprune_jax.core.groups import normalize
+from loraprune_jax.models.llama_pruning import init_masks
+from loraprune_jax.core.importance import lora_guided_importance
+from loraprune_jax.core.masks import num_to_prune
+from loraprune_jax.core.trees import excluded_layers
 from loraprune_jax.train.loop import spread_windows
 from loraprune_jax.train.step import init_state, make_train_step
 
@@ -78,7 +80,7 @@ def channel_scores(config, lora_cfg):
             for n in PROJECTIONS:
                 a, b = pairs[n]["a"], pairs[n]["b"]
                 merged = layer[n] + scale * a @ b
-                other = 1 - module_axis(n)  # reduce over inputs (q..up) or outputs (o, down)
+                other = 1 if n in ("o", "down") else 0  # reduce over inputs (q..up) or outputs (o, down)
                 el = lora_guided_importance(layer[n], a, b, grads[n]["a"], grads[n]["b"], scale)
                 out["lora"][n] = el.sum(axis=other)
                 out["vanilla"][n] = jnp.abs(wgrads[n] * merged).sum(axis=other)

@@ -36,7 +36,7 @@ from loraprune_jax.data.packing import tokenize_join  # noqa: E402
 from loraprune_jax.eval.perplexity import perplexity  # noqa: E402
 from loraprune_jax.eval.zeroshot import run_zeroshot  # noqa: E402
 from loraprune_jax.io import load_adapters, load_model  # noqa: E402
-from loraprune_jax.pruning.slicing import slice_and_merge  # noqa: E402
+from loraprune_jax.models.llama_pruning import slice_and_merge  # noqa: E402
 from loraprune_jax.train.loop import default_dtype, spread_windows  # noqa: E402
 
 

@@ -8,6 +8,8 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from .core.criteria import CRITERIA, GATE_CRITERIA, REGISTRY, criteria_given
+
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -236,11 +238,8 @@ class LoraConfig:
 PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
 
 
-CRITERIA = ("lora", "vanilla", "magnitude", "random", "wanda", "fisher", "taylor")
-# criteria read off the gradients of gates on whole groups' outputs (pruning.gates)
-GATE_CRITERIA = ("fisher", "taylor")
-EMA_BETA = 0.9  # the paper's moving average of the scores
-GATE_EMA_BETA = 0.99  # the gate criteria's (see PruneConfig.ema_beta)
+EMA_BETA = REGISTRY["lora"].ema_beta  # the paper's moving average of the scores
+GATE_EMA_BETA = REGISTRY["fisher"].ema_beta  # the gate criteria's (see PruneConfig.ema_beta)
 
 GRANULARITIES = ("structured", "unstructured", "nm")
 
@@ -325,7 +324,7 @@ class PruneConfig:
         """The moving average's decay: ``ema_beta``, or the criterion's default when unset."""
         if self.ema_beta is not None:
             return float(self.ema_beta)
-        return GATE_EMA_BETA if self.criterion in GATE_CRITERIA else EMA_BETA
+        return REGISTRY[self.criterion].ema_beta
 
     @property
     def nm_pattern(self) -> tuple[int, int]:
@@ -419,9 +418,9 @@ class RunConfig:
 
 
 VISION_MODELS = ("vit-s", "cifar10-cnn")
-# criteria for models declared by groups (their masks gate each group's output, so the gate
-# criteria apply too)
-DECLARED_CRITERIA = ("lora", "magnitude", "random", "fisher", "taylor")
+# what the vision trainer hands a criterion (no frozen-weight gradients, no input statistics;
+# its masks gate each group's output, so the gate criteria apply): the criteria it runs
+DECLARED_CRITERIA = criteria_given(("lora_grads", "key", "gates"))
 
 
 @dataclasses.dataclass(frozen=True)

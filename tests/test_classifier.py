@@ -10,7 +10,7 @@ import pytest
 
 from loraprune_jax.config import PruneConfig, TrainConfig
 from loraprune_jax.models import vit
-from loraprune_jax.pruning.masks import num_to_prune
+from loraprune_jax.core.masks import num_to_prune
 from loraprune_jax.train.classifier import ClassifierConfig, cnn_family, run_classifier, vit_family
 
 

@@ -15,10 +15,11 @@ import torch
 import torch.nn.functional as F
 
 from loraprune_jax.models import cnn
-from loraprune_jax.models.lora import merge_pair
-from loraprune_jax.pruning.groups import Coupling, declared_masks
-from loraprune_jax.pruning.importance import estimate_weight_grad
-from loraprune_jax.pruning.slicing import merge_pairs, slice_declared
+from loraprune_jax.core.lora import merge_pair
+from loraprune_jax.core.groups import Coupling, declared_masks
+from loraprune_jax.core.importance import estimate_weight_grad
+from loraprune_jax.core.lora import merge_pairs
+from loraprune_jax.core.slicing import slice_declared
 
 TINY = cnn.CnnConfig(pools=(2, 2), dense_relu=(True, False), padding="SAME", image_size=4)
 
@@ -265,7 +266,7 @@ def test_check_params_catches_width_mismatch():
 def test_per_example_gates_split_the_mask_gradient():
     """Channel masks with a batch axis gate each example's channels on its own: the same logits,
     and per-example gradients that sum to the shared masks' gradient."""
-    from loraprune_jax.pruning.gates import init_gates
+    from loraprune_jax.core.gates import init_gates
 
     params = tiny_params()
     masks = {"layers": [{"channels": jnp.array([1, 0, 1, 1], jnp.float32)},

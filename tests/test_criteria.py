@@ -1,17 +1,21 @@
-"""Baseline criteria reduce to the same groups as LoRAPrune's, from their own element scores."""
+"""The criteria registry and the one scoring path: element scores of any weights, group scores of
+a layer's declared kinds, and a whole declaration."""
 
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from loraprune_jax.pruning.criteria import INPUT_STAT, element_scores, layer_scores, merged_weight
-from loraprune_jax.pruning.importance import layer_group_scores, lora_guided_importance
+from loraprune_jax.config import DECLARED_CRITERIA, PruneConfig
+from loraprune_jax.core import criteria as C
+from loraprune_jax.core.criteria import (CRITERIA, GATE_CRITERIA, REGISTRY, declared_scores,
+                                         element_scores, group_scores_of)
+from loraprune_jax.core.groups import Coupling, GroupKind
+from loraprune_jax.core.lora import NNX
 
-D, HD, H, K, F, R = 4, 2, 6, 2, 3, 2
-SHAPES = {"q": (D, H * HD), "k": (D, K * HD), "v": (D, K * HD), "o": (H * HD, D),
-          "gate": (D, F), "up": (D, F), "down": (F, D)}
+R = 2
 
 
 def rand(*shape, seed=0):
@@ -19,108 +23,124 @@ def rand(*shape, seed=0):
 
 
 @pytest.fixture
-def layer():
-    out = {n: rand(*s, seed=i) for i, (n, s) in enumerate(SHAPES.items())}
-    out.update(attn_norm=np.ones(D, np.float32), mlp_norm=np.ones(D, np.float32))
-    return out
+def mlp():
+    """A two-layer MLP in plain Flax naming, LoRA on fc1 only, 4 hidden channels."""
+    params = {"fc1": {"kernel": rand(3, 4, seed=1), "bias": rand(4, seed=2)},
+              "fc2": {"kernel": rand(4, 2, seed=3), "bias": rand(2, seed=4)}}
+    lora = {"fc1": {"kernel": {"a": rand(3, R, seed=5), "b": rand(R, 4, seed=6)}}}
+    grads = {"fc1": {"kernel": {"a": rand(3, R, seed=7), "b": rand(R, 4, seed=8)}}}
+    kinds = {"hidden": GroupKind(4, (Coupling(("fc1", "kernel"), 1), Coupling(("fc1", "bias"), 0),
+                                     Coupling(("fc2", "kernel"), 0)))}
+    return params, lora, grads, kinds
 
 
-@pytest.fixture
-def adapters():
-    return {n: {"a": rand(s[0], R, seed=10 + i), "b": rand(R, s[1], seed=20 + i)}
-            for i, (n, s) in enumerate(SHAPES.items()) if n in ("q", "up")}
+def test_registry_is_the_one_list():
+    assert CRITERIA == ("lora", "vanilla", "magnitude", "random", "wanda", "fisher", "taylor")
+    assert GATE_CRITERIA == ("fisher", "taylor")
+    # the vision trainer provides LoRA gradients, a key and gates: its criteria follow
+    assert DECLARED_CRITERIA == ("lora", "magnitude", "random", "fisher", "taylor")
+    assert PruneConfig(criterion="taylor").beta == REGISTRY["taylor"].ema_beta == 0.99
+    assert PruneConfig(criterion="wanda").beta == 0.9
+    with pytest.raises(ValueError, match="unknown criterion 'obs'; choose from lora, vanilla"):
+        PruneConfig(criterion="obs")
+    assert C.ranking_scores("taylor", {"x": jnp.array([-2.0, 1.0])})["x"].tolist() == [2.0, 1.0]
+    assert C.ranking_scores("fisher", {"x": jnp.array([-2.0])})["x"].tolist() == [-2.0]
+    g = {"x": jnp.array([[1.0, -2.0], [3.0, 4.0]])}  # (examples, groups)
+    assert C.gate_statistic("fisher", g)["x"].tolist() == [10.0, 20.0]
+    assert C.gate_statistic("taylor", g)["x"].tolist() == [4.0, 2.0]
+    with pytest.raises(ValueError, match="not a gate criterion"):
+        C.gate_statistic("lora", g)
 
 
-def test_merged_weight(layer, adapters):
-    want = layer["q"] + 2.0 * adapters["q"]["a"] @ adapters["q"]["b"]
-    np.testing.assert_allclose(merged_weight(layer, adapters, "q", 2.0), want, rtol=1e-5)
-    np.testing.assert_array_equal(merged_weight(layer, adapters, "k", 2.0), layer["k"])
+def test_lora_group_scores_by_hand(mlp):
+    params, lora, grads, kinds = mlp
+    got = group_scores_of("lora", kinds, params, lora, scale=2.0, lora_grads=grads)["hidden"]
+    p, g = lora["fc1"]["kernel"], grads["fc1"]["kernel"]
+    est = p["a"] @ g["b"] + g["a"] @ p["b"] - g["a"] @ g["b"]
+    per_channel = np.abs(est * (params["fc1"]["kernel"] + 2.0 * p["a"] @ p["b"])).sum(0)
+    # only fc1 has a pair; the bias and fc2 do not vote
+    np.testing.assert_allclose(got, per_channel / np.linalg.norm(per_channel), rtol=1e-5)
 
 
-def test_magnitude_and_vanilla_and_wanda(layer, adapters):
-    merged = {n: np.asarray(merged_weight(layer, adapters, n, 2.0)) for n in SHAPES}
-    got = layer_scores("magnitude", layer, adapters, K, scale=2.0, power=2)
-    want = layer_group_scores({n: np.abs(w) ** 2 for n, w in merged.items()}, K, F)
-    np.testing.assert_allclose(got["attn"], want["attn"], rtol=1e-5)
-
-    grads = {n: rand(*s, seed=40 + i) for i, (n, s) in enumerate(SHAPES.items())}
-    got = layer_scores("vanilla", layer, adapters, K, scale=2.0, weight_grads=grads)
-    want = layer_group_scores({n: np.abs(grads[n] * merged[n]) for n in SHAPES}, K, F)
-    np.testing.assert_allclose(got["mlp"], want["mlp"], rtol=1e-5)
-
-    stats = {"attn_in": rand(D, seed=1) ** 2, "o_in": rand(H * HD, seed=2) ** 2,
-             "mlp_in": rand(D, seed=3) ** 2, "down_in": rand(F, seed=4) ** 2}
-    got = layer_scores("wanda", layer, adapters, K, scale=2.0, input_stats=stats)
-    want = layer_group_scores(
-        {n: np.abs(merged[n]) * np.sqrt(stats[INPUT_STAT[n]])[:, None] for n in SHAPES}, K, F)
-    np.testing.assert_allclose(got["attn"], want["attn"], rtol=1e-5)
-    np.testing.assert_allclose(got["mlp"], want["mlp"], rtol=1e-5)
+def test_magnitude_votes_every_kernel_but_not_biases(mlp):
+    params, lora, _, kinds = mlp
+    got = group_scores_of("magnitude", kinds, params, lora, scale=2.0)["hidden"]
+    p = lora["fc1"]["kernel"]
+    v1 = np.abs(params["fc1"]["kernel"] + 2.0 * p["a"] @ p["b"]).sum(0)
+    v2 = np.abs(params["fc2"]["kernel"]).sum(1)
+    np.testing.assert_allclose(got, v1 / np.linalg.norm(v1) + v2 / np.linalg.norm(v2), rtol=1e-5)
 
 
-def test_random_is_keyed_and_shaped(layer):
-    a = layer_scores("random", layer, None, K, scale=1.0, key=jax.random.PRNGKey(0))
-    b = layer_scores("random", layer, None, K, scale=1.0, key=jax.random.PRNGKey(0))
-    c = layer_scores("random", layer, None, K, scale=1.0, key=jax.random.PRNGKey(1))
-    assert a["attn"].shape == (K,) and a["mlp"].shape == (F,)
-    np.testing.assert_array_equal(a["mlp"], b["mlp"])
-    assert not np.array_equal(np.asarray(a["mlp"]), np.asarray(c["mlp"]))
+def test_vanilla_and_wanda_read_paths(mlp):
+    params, _, _, kinds = mlp
+    wgrads = {"fc1": {"kernel": rand(3, 4, seed=9)}, "fc2": {"kernel": rand(4, 2, seed=10)}}
+    got = group_scores_of("vanilla", kinds, params, None, scale=1.0, weight_grads=wgrads)["hidden"]
+    v1 = np.abs(wgrads["fc1"]["kernel"] * params["fc1"]["kernel"]).sum(0)
+    v2 = np.abs(wgrads["fc2"]["kernel"] * params["fc2"]["kernel"]).sum(1)
+    np.testing.assert_allclose(got, v1 / np.linalg.norm(v1) + v2 / np.linalg.norm(v2), rtol=1e-5)
+    stats = {("fc1", "kernel"): np.array([1.0, 4.0, 9.0], np.float32),
+             ("fc2", "kernel"): np.array([1.0, 1.0, 4.0, 4.0], np.float32)}
+    got = group_scores_of("wanda", kinds, params, None, scale=1.0, input_stats=stats)["hidden"]
+    v1 = (np.abs(params["fc1"]["kernel"]) * np.array([[1.0], [2.0], [3.0]])).sum(0)
+    v2 = (np.abs(params["fc2"]["kernel"]) * np.array([[1.0], [1.0], [2.0], [2.0]])).sum(1)
+    np.testing.assert_allclose(got, v1 / np.linalg.norm(v1) + v2 / np.linalg.norm(v2), rtol=1e-5)
+    with pytest.raises(ValueError, match="input statistics of every scored weight"):
+        group_scores_of("wanda", kinds, params, None, scale=1.0, input_stats={})
 
 
-def test_missing_inputs_raise(layer):
-    for crit, msg in [("lora", "LoRA adapters"), ("vanilla", "gradients of the frozen"),
-                      ("wanda", "input activation"), ("random", "PRNG key"), ("fisher", "no weight scores"),
-                      ("obs", "unknown")]:
-        with pytest.raises(ValueError, match=msg):
-            layer_scores(crit, layer, None, K, scale=1.0)
-
-
-def test_element_scores_are_what_layer_scores_reduce(layer, adapters):
-    grads = {n: rand(*s, seed=40 + i) for i, (n, s) in enumerate(SHAPES.items())}
-    lgrads = {n: {"a": rand(SHAPES[n][0], R, seed=60 + i), "b": rand(R, SHAPES[n][1], seed=70 + i)}
-              for i, n in enumerate(adapters)}
-    stats = {"attn_in": rand(D, seed=1) ** 2, "o_in": rand(H * HD, seed=2) ** 2,
-             "mlp_in": rand(D, seed=3) ** 2, "down_in": rand(F, seed=4) ** 2}
-    kw = dict(scale=2.0, power=2, lora_grads=lgrads, weight_grads=grads, input_stats=stats)
-    for criterion in ("lora", "vanilla", "magnitude", "wanda"):
-        elements = element_scores(criterion, layer, adapters, **kw)
-        want = set(adapters) if criterion == "lora" else set(SHAPES)
-        assert set(elements) == want
-        assert all(elements[n].shape == SHAPES[n] and elements[n].dtype == np.float32 for n in want)
-        groups = layer_scores(criterion, layer, adapters, K, **kw)
-        reduced = layer_group_scores(elements, K, F)
-        np.testing.assert_array_equal(groups["attn"], reduced["attn"])
-        np.testing.assert_array_equal(groups["mlp"], reduced["mlp"])
-    q = adapters["q"]
-    np.testing.assert_array_equal(
-        element_scores("lora", layer, adapters, **kw)["q"],
-        lora_guided_importance(layer["q"], q["a"], q["b"], lgrads["q"]["a"], lgrads["q"]["b"], 2.0, 2))
-    picked = element_scores("magnitude", layer, adapters, scale=2.0, names=("o", "down"))
-    assert list(picked) == ["o", "down"]
-    np.testing.assert_allclose(picked["o"], np.abs(layer["o"]), rtol=1e-6)
-    with pytest.raises(ValueError, match=r"cannot score \['k'\]: they have no adapters"):
-        element_scores("lora", layer, adapters, scale=2.0, lora_grads=lgrads, names=("q", "k"))
-
-
-def test_random_element_scores_are_uniform_noise_per_weight(layer):
-    a = element_scores("random", layer, None, scale=1.0, key=jax.random.PRNGKey(0))
-    b = element_scores("random", layer, None, scale=1.0, key=jax.random.PRNGKey(0))
-    assert {n: v.shape for n, v in a.items()} == SHAPES
-    np.testing.assert_array_equal(a["down"], b["down"])
-    values = np.concatenate([np.asarray(v).reshape(-1) for v in a.values()])
+def test_element_scores_by_path(mlp):
+    params, lora, grads, _ = mlp
+    paths = [("fc2", "kernel"), ("fc1", "kernel")]
+    got = element_scores("magnitude", params, lora, paths, scale=2.0)
+    assert list(got) == paths and got[paths[0]].shape == (4, 2)
+    np.testing.assert_allclose(got[paths[0]], np.abs(params["fc2"]["kernel"]), rtol=1e-6)
+    with pytest.raises(ValueError, match=r"cannot score \('fc2', 'kernel'\): it has no LoRA pair"):
+        element_scores("lora", params, lora, paths, scale=2.0, lora_grads=grads)
+    a = element_scores("random", params, None, paths, scale=1.0, key=jax.random.PRNGKey(0))
+    b = element_scores("random", params, None, paths, scale=1.0, key=jax.random.PRNGKey(0))
+    np.testing.assert_array_equal(a[paths[1]], b[paths[1]])
+    values = np.concatenate([np.asarray(v).ravel() for v in a.values()])
     assert values.min() >= 0.0 and values.max() < 1.0 and len(np.unique(values)) == values.size
-    assert not np.array_equal(np.asarray(a["q"])[:, :4], np.asarray(a["k"]))  # one key each
+    with pytest.raises(ValueError, match="fisher criterion scores whole groups"):
+        element_scores("fisher", params, None, paths, scale=1.0)
 
 
-# Any declared model: LLaMA's declaration through declared_scores gives LLaMA's own scores ----
+def test_nnx_layout_scores_like_ours(mlp):
+    """The same pair named as flax.nnx's LoRALinear names it gives the same scores."""
+    params, lora, grads, kinds = mlp
+    def as_nnx(tree):
+        return {"fc1": {**params["fc1"], "lora": {"lora_a": tree["fc1"]["kernel"]["a"],
+                                                  "lora_b": tree["fc1"]["kernel"]["b"]}},
+                "fc2": params["fc2"]}
+    nnx_params, nnx_grads = as_nnx(lora), as_nnx(grads)
+    ours = group_scores_of("lora", kinds, params, lora, scale=1.0, lora_grads=grads)
+    theirs = group_scores_of("lora", kinds, nnx_params, nnx_params, scale=1.0, lora_grads=nnx_grads,
+                             layout=NNX)
+    np.testing.assert_array_equal(ours["hidden"], theirs["hidden"])
+
+
+def test_declared_scores_layer_keys_and_errors(mlp):
+    params, lora, grads, kinds = mlp
+    decl = [kinds, kinds]
+    rnd = declared_scores("random", params, None, decl, scale=1.0, key=jax.random.PRNGKey(3))
+    np.testing.assert_array_equal(  # layer i draws from fold_in(key, i)
+        rnd["layers"][1]["hidden"],
+        jax.random.uniform(jax.random.split(jax.random.fold_in(jax.random.PRNGKey(3), 1), 1)[0], (4,)))
+    assert not np.array_equal(rnd["layers"][0]["hidden"], rnd["layers"][1]["hidden"])
+    with pytest.raises(ValueError, match="needs LoRA adapters and their gradients"):
+        declared_scores("lora", params, lora, decl, scale=1.0)
+    with pytest.raises(ValueError, match="needs LoRA adapters on the layer's coupled weights"):
+        declared_scores("lora", params, {"other": {}}, decl, scale=1.0, lora_grads=grads)
+
+
 @pytest.mark.slow
-def test_declared_scores_equal_llama_scores():
+def test_declared_scores_equal_llama_layer_scores():
+    """The whole-tree declaration and the step's per-layer path give the same scores."""
     from conftest import randomize_b, tiny_config
     from loraprune_jax.config import LoraConfig
     from loraprune_jax.models.llama import init_base
+    from loraprune_jax.models.llama_pruning import layer_scores, llama_declaration
     from loraprune_jax.models.lora import init_lora
-    from loraprune_jax.pruning.criteria import declared_scores
-    from loraprune_jax.pruning.groups import llama_declaration
-    from loraprune_jax.pruning.importance import lora_layer_scores
 
     cfg = tiny_config("gqa")
     lc = LoraConfig(rank=2, alpha=4.0, targets=("q", "v", "o", "up", "down"))
@@ -128,19 +148,11 @@ def test_declared_scores_equal_llama_scores():
     lora = randomize_b(init_lora(jax.random.PRNGKey(0), base, lc))
     grads = randomize_b(jax.tree.map(lambda x: 0.1 * x, lora), key=7)
     decl = llama_declaration(cfg)
-    got = declared_scores("lora", base, lora, decl, scale=lc.scale, lora_grads=grads)
-    mag = declared_scores("magnitude", base, lora, decl, scale=lc.scale, power=2)
-    for i in range(cfg.num_layers):
-        want = lora_layer_scores(base["layers"][i], lora["layers"][i], grads["layers"][i], lc.scale,
-                                 cfg.kv_heads(i))
-        want_mag = layer_scores("magnitude", base["layers"][i], lora["layers"][i], cfg.kv_heads(i),
-                                scale=lc.scale, power=2)
-        for kind in ("attn", "mlp"):
-            np.testing.assert_allclose(got["layers"][i][kind], want[kind], rtol=1e-5)
-            np.testing.assert_allclose(mag["layers"][i][kind], want_mag[kind], rtol=1e-5)
-    rnd = declared_scores("random", base, None, decl, scale=1.0, key=jax.random.PRNGKey(3))
-    assert [r["attn"].shape for r in rnd["layers"]] == [(cfg.kv_heads(i),) for i in range(cfg.num_layers)]
-    with pytest.raises(ValueError, match="not available for declared"):
-        declared_scores("wanda", base, lora, decl, scale=1.0)
-    with pytest.raises(ValueError, match="gradients"):
-        declared_scores("lora", base, lora, decl, scale=1.0)
+    for criterion, kw in (("lora", {"lora_grads": grads}), ("magnitude", {"power": 2})):
+        got = declared_scores(criterion, base, lora, decl, scale=lc.scale, **kw)
+        for i in range(cfg.num_layers):
+            layer_kw = {k: (v["layers"][i] if k == "lora_grads" else v) for k, v in kw.items()}
+            want = layer_scores(criterion, base["layers"][i], lora["layers"][i], cfg.head_dim,
+                                scale=lc.scale, **layer_kw)
+            for kind in ("attn", "mlp"):
+                np.testing.assert_array_equal(got["layers"][i][kind], want[kind])

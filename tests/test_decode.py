@@ -20,7 +20,7 @@ from loraprune_jax.models.decode import (
 )
 from loraprune_jax.models.llama import forward, init_base, stack_layers
 from loraprune_jax.models.lora import init_lora
-from loraprune_jax.pruning.slicing import slice_and_merge
+from loraprune_jax.models.llama_pruning import slice_and_merge
 
 LORA = LoraConfig(rank=4, alpha=8.0, dropout=0.0)
 PROMPT = np.random.RandomState(0).randint(0, 97, size=(2, 11)).astype(np.int32)

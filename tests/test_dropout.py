@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from loraprune_jax.models.dropout import dropout, keep_mask, threefry2x32
+from loraprune_jax.core.dropout import dropout, keep_mask, threefry2x32
 
 KEYS = {
     "PRNGKey(0)": jax.random.PRNGKey(0),

@@ -24,8 +24,8 @@ from loraprune_jax.io.export import (
 from loraprune_jax.io.hf import load_hf_dir
 from loraprune_jax.models.llama import forward, init_base, stack_layers
 from loraprune_jax.models.lora import init_lora
-from loraprune_jax.pruning.groups import init_masks
-from loraprune_jax.pruning.slicing import slice_and_merge
+from loraprune_jax.models.llama_pruning import init_masks
+from loraprune_jax.models.llama_pruning import slice_and_merge
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -307,8 +307,8 @@ def test_weight_masked_export_keeps_shapes_zeros_and_masks(stacked, tokens, tmp_
     same logits from plain transformers as from the masked, unmerged model."""
     from loraprune_jax.io.export import load_export_masks
     from loraprune_jax.models.lora import merge_lora
-    from loraprune_jax.pruning.sparsity import (
-        apply_element_masks, init_element_masks, update_nm_masks)
+    from loraprune_jax.core.elements import apply_element_masks, update_nm_masks
+    from loraprune_jax.models.llama_pruning import init_element_masks
 
     cfg = tiny_config("gqa")
     base = noisy_norms(init_base(cfg, 0, std=0.2))

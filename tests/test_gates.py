@@ -13,9 +13,11 @@ import pytest
 from conftest import randomize_b, tiny_config
 from loraprune_jax.config import LoraConfig, PruneConfig, TrainConfig
 from loraprune_jax.models.llama import gate_groups, init_base, loss, stack_layers
-from loraprune_jax.models.lora import init_lora, merge_pair
-from loraprune_jax.pruning.gates import gate_statistic, init_gates, ranking_scores
-from loraprune_jax.pruning.groups import init_masks
+from loraprune_jax.core.lora import merge_pair
+from loraprune_jax.models.lora import init_lora
+from loraprune_jax.core.criteria import gate_statistic, ranking_scores
+from loraprune_jax.core.gates import init_gates
+from loraprune_jax.models.llama_pruning import init_masks
 from loraprune_jax.train.step import init_state, make_train_step
 
 LC = LoraConfig(rank=4, alpha=8.0, dropout=0.0)
@@ -190,7 +192,7 @@ def test_init_gates_shapes_and_errors():
 
 
 def test_gates_need_structured_masks():
-    from loraprune_jax.pruning.sparsity import init_element_masks
+    from loraprune_jax.models.llama_pruning import init_element_masks
 
     cfg, base, lora, masks = model("gqa")
     toks = tokens(cfg)

@@ -1,4 +1,4 @@
-"""LoRA-guided importance: the estimated gradient, element scores, group reductions, EMA."""
+"""LoRA-guided importance: the estimated gradient, element scores, the moving average."""
 
 from __future__ import annotations
 
@@ -6,15 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from loraprune_jax.pruning.importance import (
-    block_scores,
-    ema_update,
-    estimate_weight_grad,
-    layer_group_scores,
-    lora_guided_importance,
-    lora_layer_scores,
-    reduce_to_groups,
-)
+from loraprune_jax.core.importance import ema_update, estimate_weight_grad, lora_guided_importance
 
 
 def rand(*shape, seed=0):
@@ -37,59 +29,6 @@ def test_element_importance_powers():
     want = np.abs(g * (w + 0.5 * a @ b))
     np.testing.assert_allclose(lora_guided_importance(w, a, b, ga, gb, 0.5), want, rtol=1e-5)
     np.testing.assert_allclose(lora_guided_importance(w, a, b, ga, gb, 0.5, power=2), want**2, rtol=1e-4)
-
-
-def test_reduce_to_groups_axes():
-    s = np.arange(24, dtype=np.float32).reshape(4, 6)  # (in=4, out=6)
-    # output columns in 3 groups of 2, summed over inputs
-    col = s.sum(0)
-    np.testing.assert_allclose(reduce_to_groups(s, 3, axis=1), [col[0] + col[1], col[2] + col[3], col[4] + col[5]])
-    # input rows in 2 groups of 2, summed over outputs
-    row = s.sum(1)
-    np.testing.assert_allclose(reduce_to_groups(s, 2, axis=0), [row[0] + row[1], row[2] + row[3]])
-    assert reduce_to_groups(s[:, :0], 0, axis=1).shape == (0,)
-
-
-def test_block_scores_normalise_each_module():
-    v1, v2 = jnp.array([3.0, 4.0]), jnp.array([100.0, 0.0])
-    np.testing.assert_allclose(block_scores({"q": v1, "o": v2}), [0.6 + 1.0, 0.8], rtol=1e-6)
-
-
-def test_gqa_layer_groups_follow_kv_groups():
-    d, hd, heads, kv, ffn = 4, 2, 6, 2, 3
-    elems = {
-        "q": rand(d, heads * hd, seed=1) ** 2,
-        "k": rand(d, kv * hd, seed=2) ** 2,
-        "v": rand(d, kv * hd, seed=3) ** 2,
-        "o": rand(heads * hd, d, seed=4) ** 2,
-        "gate": rand(d, ffn, seed=5) ** 2,
-        "down": rand(ffn, d, seed=6) ** 2,
-    }
-    got = layer_group_scores(elems, kv, ffn)
-    q = elems["q"].sum(0).reshape(kv, -1).sum(1)  # 3 query heads x hd columns per unit
-    k = elems["k"].sum(0).reshape(kv, -1).sum(1)
-    v = elems["v"].sum(0).reshape(kv, -1).sum(1)
-    o = elems["o"].sum(1).reshape(kv, -1).sum(1)
-    n = lambda x: x / (np.linalg.norm(x) + 1e-8)
-    np.testing.assert_allclose(got["attn"], n(q) + n(k) + n(v) + n(o), rtol=1e-5)
-    np.testing.assert_allclose(got["mlp"], n(elems["gate"].sum(0)) + n(elems["down"].sum(1)), rtol=1e-5)
-    no_mlp = layer_group_scores({k_: v_ for k_, v_ in elems.items() if k_ in "qkvo"}, kv, ffn)
-    np.testing.assert_array_equal(no_mlp["mlp"], np.zeros(ffn))
-
-
-def test_lora_layer_scores_from_adapters():
-    d, hd, heads, kv, ffn, r = 4, 2, 4, 4, 3, 2
-    shapes = {"q": (d, heads * hd), "k": (d, kv * hd), "v": (d, kv * hd), "o": (heads * hd, d),
-              "gate": (d, ffn), "up": (d, ffn), "down": (ffn, d)}
-    layer = {n: rand(*s, seed=i) for i, (n, s) in enumerate(shapes.items())}
-    adapters = {n: {"a": rand(s[0], r, seed=10 + i), "b": rand(r, s[1], seed=20 + i)} for i, (n, s) in enumerate(shapes.items())}
-    grads = {n: {"a": rand(s[0], r, seed=30 + i), "b": rand(r, s[1], seed=40 + i)} for i, (n, s) in enumerate(shapes.items())}
-    got = lora_layer_scores(layer, adapters, grads, 2.0, kv)
-    elems = {n: lora_guided_importance(layer[n], p["a"], p["b"], grads[n]["a"], grads[n]["b"], 2.0) for n, p in adapters.items()}
-    want = layer_group_scores(elems, kv, ffn)
-    np.testing.assert_allclose(got["attn"], want["attn"], rtol=1e-6)
-    np.testing.assert_allclose(got["mlp"], want["mlp"], rtol=1e-6)
-    assert got["attn"].shape == (kv,) and got["mlp"].shape == (ffn,)
 
 
 def test_ema_update_and_nan_guard():

@@ -22,7 +22,7 @@ from loraprune_jax.models.llama import (
     unstack_layers,
 )
 from loraprune_jax.models.lora import init_lora
-from loraprune_jax.pruning.groups import init_masks
+from loraprune_jax.models.llama_pruning import init_masks
 
 LORA = LoraConfig(rank=4, alpha=8.0, dropout=0.0)
 
@@ -371,7 +371,8 @@ def test_input_stats_are_sums_of_squares(tokens):
 
 # ----------------------------------------------------------------------------- weight masks
 def _element_setup(kind, seed=0):
-    from loraprune_jax.pruning.sparsity import init_element_masks, update_element_masks
+    from loraprune_jax.core.elements import update_element_masks
+    from loraprune_jax.models.llama_pruning import init_element_masks
 
     cfg, base = model(kind)
     lora = randomize_b(init_lora(jax.random.PRNGKey(seed), base, LORA))
@@ -384,7 +385,7 @@ def _element_setup(kind, seed=0):
 @pytest.mark.parametrize("stacked", [False, True])
 def test_element_masked_forward_equals_merged_and_zeroed_weights(kind, tokens, stacked):
     from loraprune_jax.models.lora import merge_lora
-    from loraprune_jax.pruning.sparsity import apply_element_masks
+    from loraprune_jax.core.elements import apply_element_masks
 
     cfg, base, lora, masks = _element_setup(kind)
     lay = stack_layers if stacked else (lambda t: t)
@@ -399,7 +400,7 @@ def test_element_masked_forward_equals_merged_and_zeroed_weights(kind, tokens, s
 
 
 def test_all_ones_element_masks_equal_no_masks_with_dropout(tokens):
-    from loraprune_jax.pruning.sparsity import init_element_masks
+    from loraprune_jax.models.llama_pruning import init_element_masks
 
     cfg, base = model("gqa")
     lc = LoraConfig(rank=4, alpha=8.0, dropout=0.5)

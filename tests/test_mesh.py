@@ -18,9 +18,9 @@ from loraprune_jax.eval.perplexity import perplexity
 from loraprune_jax.models.llama import init_base, loss, stack_layers
 from loraprune_jax.models.lora import init_lora
 from loraprune_jax.parallel import mesh as pm
-from loraprune_jax.pruning.gates import ranking_scores
-from loraprune_jax.pruning.groups import init_masks
-from loraprune_jax.pruning.masks import update_masks
+from loraprune_jax.core.criteria import ranking_scores
+from loraprune_jax.models.llama_pruning import init_masks
+from loraprune_jax.core.masks import update_masks
 from loraprune_jax.train.step import init_state, make_train_step
 
 MESHES = ["data:8", "fsdp:8", "data:2,fsdp:2,tensor:2", "tensor:8"]

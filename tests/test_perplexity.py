@@ -15,7 +15,7 @@ from loraprune_jax.data.packing import tokenize_join
 from loraprune_jax.eval.perplexity import perplexity
 from loraprune_jax.models.llama import init_base, token_nll
 from loraprune_jax.models.lora import init_lora
-from loraprune_jax.pruning.groups import init_masks
+from loraprune_jax.models.llama_pruning import init_masks
 
 
 @pytest.mark.slow

@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from loraprune_jax.pruning.masks import num_to_prune, update_masks
-from loraprune_jax.pruning.schedule import OneShotSchedule, PruneSchedule, Schedule
+from loraprune_jax.core.masks import num_to_prune, update_masks
+from loraprune_jax.core.schedule import OneShotSchedule, PruneSchedule, Schedule
 
 
 def formula(t, T, w, c, r_i, r_f):

@@ -11,8 +11,11 @@ from conftest import noisy_norms, randomize_b, tiny_config
 from loraprune_jax.config import LoraConfig
 from loraprune_jax.models.llama import check_base, forward, init_base, stack_layers
 from loraprune_jax.models.lora import init_lora
-from loraprune_jax.pruning.groups import init_masks
-from loraprune_jax.pruning.slicing import count_params, kept_indices, slice_and_merge
+from loraprune_jax.core.groups import Coupling, GroupKind
+from loraprune_jax.core.lora import merge_pairs
+from loraprune_jax.core.slicing import kept_groups, slice_declared, slice_params
+from loraprune_jax.core.trees import count_params
+from loraprune_jax.models.llama_pruning import init_masks, llama_declaration, slice_and_merge
 
 LORA = LoraConfig(rank=4, alpha=8.0, dropout=0.0)
 
@@ -146,18 +149,22 @@ def test_merge_keeps_weight_dtype(tokens):
     assert {x.dtype for x in jax.tree.leaves(small)} == {jnp.dtype(jnp.bfloat16)}
 
 
-def test_kept_indices_gqa():
+def test_kept_groups_and_columns_gqa():
     cfg = tiny_config("gqa")  # 6 heads, 2 KV heads, hd 8: unit u owns heads 3u..3u+2
     masks = init_masks(cfg)
     masks["layers"][0]["attn"] = jnp.array([0.0, 1.0])
     masks["layers"][0]["mlp"] = masks["layers"][0]["mlp"].at[jnp.array([1, 5])].set(0.0)
-    ids = kept_indices(masks, cfg)
-    assert ids[0]["units"].tolist() == [1]
-    assert ids[0]["heads"].tolist() == [3, 4, 5]
-    assert ids[0]["q"].tolist() == list(range(24, 48))
-    assert ids[0]["kv"].tolist() == list(range(8, 16))
+    ids = kept_groups(masks, llama_declaration(cfg))
+    assert ids[0]["attn"].tolist() == [1] and ids[1]["attn"].tolist() == [0, 1]
     assert 1 not in ids[0]["mlp"] and 5 not in ids[0]["mlp"] and len(ids[0]["mlp"]) == 38
-    assert ids[1]["units"].tolist() == [0, 1] and len(ids[1]["q"]) == 48
+    base = init_base(cfg, 0)
+    small, _ = slice_and_merge(base, None, masks, cfg)
+    layer, kept = small["layers"][0], base["layers"][0]
+    np.testing.assert_array_equal(layer["q"], kept["q"][:, 24:48])  # query heads 3, 4, 5
+    np.testing.assert_array_equal(layer["o"], kept["o"][24:48])
+    np.testing.assert_array_equal(layer["k"], kept["k"][:, 8:16])  # KV head 1
+    np.testing.assert_array_equal(layer["v"], kept["v"][:, 8:16])
+    np.testing.assert_array_equal(layer["down"], np.delete(np.asarray(kept["down"]), [1, 5], axis=0))
 
 
 @pytest.mark.parametrize(
@@ -184,8 +191,6 @@ def test_lora_without_config_raises():
 
 
 # Any declared model ----------------------------------------------------------------------
-from loraprune_jax.pruning.groups import Coupling, GroupKind  # noqa: E402
-from loraprune_jax.pruning.slicing import kept_groups, merge_pairs, slice_declared, slice_params  # noqa: E402
 
 
 def _toy(seed=0):

@@ -12,9 +12,8 @@ from conftest import tiny_config
 from loraprune_jax.config import LoraConfig, PruneConfig, TrainConfig
 from loraprune_jax.models.llama import init_base, loss, stack_layers
 from loraprune_jax.models.lora import init_lora
-from loraprune_jax.pruning.criteria import layer_scores
-from loraprune_jax.pruning.groups import init_masks
-from loraprune_jax.pruning.importance import lora_layer_scores
+from loraprune_jax.models.llama_pruning import layer_scores
+from loraprune_jax.models.llama_pruning import init_masks
 from loraprune_jax.train.step import init_state, make_train_step
 
 LC = LoraConfig(rank=4, alpha=8.0, dropout=0.0)
@@ -52,7 +51,7 @@ def test_lora_scores_match_direct_computation(stacked):
     for i in range(cfg.num_layers):
         pick = (lambda t: jax.tree.map(lambda x: x[i], t)) if stacked else (lambda t: t[i])
         layer, adapters, g = pick(base["layers"]), pick(lora["layers"]), pick(grads["layers"])
-        want = lora_layer_scores(layer, adapters, g, LC.scale, cfg.num_kv_heads)
+        want = layer_scores("lora", layer, adapters, cfg.head_dim, scale=LC.scale, lora_grads=g)
         got = pick(state["scores"]["layers"])
         np.testing.assert_allclose(got["attn"], 0.1 * want["attn"], rtol=2e-4)
         np.testing.assert_allclose(got["mlp"], 0.1 * want["mlp"], rtol=2e-4)
@@ -70,7 +69,7 @@ def test_vanilla_uses_true_weight_gradients():
     lgrads = mean_grads(base, lora, masks, batch, cfg)
     clip = min(1.0, 1.0 / (float(optax.tree.norm(lgrads)) + 1e-6))
     for i in (0, 2):
-        want = layer_scores("vanilla", base["layers"][i], lora["layers"][i], cfg.num_kv_heads,
+        want = layer_scores("vanilla", base["layers"][i], lora["layers"][i], cfg.head_dim,
                             scale=LC.scale, weight_grads=jax.tree.map(lambda g: g * clip, wgrads["layers"][i]))
         np.testing.assert_allclose(state["scores"]["layers"][i]["attn"], 0.1 * want["attn"], rtol=2e-4)
         np.testing.assert_allclose(state["scores"]["layers"][i]["mlp"], 0.1 * want["mlp"], rtol=2e-4)
@@ -165,7 +164,7 @@ def test_vanilla_keeps_bf16_weight_gradients_in_bf16():
 
 # ----------------------------------------------------------------------------- weight masks
 def element_setup(stacked, **kw):
-    from loraprune_jax.pruning.sparsity import init_element_masks
+    from loraprune_jax.models.llama_pruning import init_element_masks
 
     cfg, base, lora, _, tc, batch = setup(stacked=stacked, **kw)
     return cfg, base, lora, init_element_masks(cfg, LC.targets, stacked=stacked), tc, batch
@@ -174,7 +173,7 @@ def element_setup(stacked, **kw):
 @pytest.mark.slow
 @pytest.mark.parametrize("stacked", [False, True])
 def test_element_scores_ema_inside_the_step(stacked):
-    from loraprune_jax.pruning.criteria import element_scores
+    from loraprune_jax.core.criteria import element_scores
 
     cfg, base, lora, masks, tc, batch = element_setup(stacked, clip=0.01)
     masks = jax.tree.map(lambda m: jnp.asarray(np.random.RandomState(0).rand(*m.shape) > 0.3,
@@ -214,7 +213,7 @@ def test_other_criteria_give_element_scores(criterion):
 
 @pytest.mark.slow
 def test_element_mask_rewrites_never_recompile():
-    from loraprune_jax.pruning.sparsity import update_element_masks, update_nm_masks
+    from loraprune_jax.core.elements import update_element_masks, update_nm_masks
 
     cfg, base, lora, masks, tc, batch = element_setup(True)
     dev = jax.devices()[0]  # committed arrays, as the loop's are

@@ -10,8 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from loraprune_jax.core.groups import declared_masks
 from loraprune_jax.models import vit
-from loraprune_jax.models.lora import merge_pair
+from loraprune_jax.core.lora import merge_pair
 
 HD = 8  # head width of the tiny model
 TINY = dict(dim=32, depth=3, heads=4, ffn=24, patch=4, image_size=16, head_dim=HD)
@@ -101,7 +102,7 @@ def test_masked_equals_sliced():
     masked_out, sliced_out = run(params, x, masks=masks), run(sliced, x)
     np.testing.assert_allclose(masked_out, sliced_out, rtol=1e-5, atol=1e-5)
     assert not np.allclose(masked_out, run(params, x), atol=1e-3)  # the masks do something
-    ones = vit.init_vit_masks(params, HD)
+    ones = declared_masks(vit.declaration(params, HD))
     np.testing.assert_allclose(run(params, x, masks=ones), run(params, x), rtol=1e-6, atol=1e-6)
 
 
@@ -204,10 +205,10 @@ def test_nnx_wrapper_round_trips():
 def test_per_example_gates_split_the_mask_gradient():
     """Masks with a batch axis gate each example on its own: at the mask values the features are
     unchanged and the per-example gradients sum to the gradient of the shared masks."""
-    from loraprune_jax.pruning.gates import init_gates
+    from loraprune_jax.core.gates import init_gates
 
     params, x = tiny(), images(n=3)
-    masks = vit.init_vit_masks(params, HD)
+    masks = declared_masks(vit.declaration(params, HD))
     masks["layers"][1]["attn"] = masks["layers"][1]["attn"].at[2].set(0.0)
 
     @jax.jit

@@ -33,7 +33,7 @@ from loraprune_jax.eval.zeroshot import (
     split_trailing_space,
 )
 from loraprune_jax.models.llama import forward, init_base, token_nll
-from loraprune_jax.pruning.groups import init_masks
+from loraprune_jax.models.llama_pruning import init_masks
 
 DATA = Path(__file__).parent / "data" / "zeroshot"
 

@@ -25,7 +25,7 @@ from loraprune_jax.eval.perplexity import window_nll
 from loraprune_jax.io import load_model
 from loraprune_jax.models.llama import stack_layers
 from loraprune_jax.models.lora import init_lora
-from loraprune_jax.pruning.groups import init_masks
+from loraprune_jax.models.llama_pruning import init_masks
 from loraprune_jax.train.step import init_state, make_train_step
 from loraprune_jax.train.hostmem import keep_freed_memory
 

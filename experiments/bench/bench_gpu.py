@@ -32,7 +32,7 @@ from loraprune_jax.parallel.mesh import (
     param_shardings,
     replicated,
 )
-from loraprune_jax.pruning.groups import init_masks
+from loraprune_jax.models.llama_pruning import init_masks
 from loraprune_jax.train.step import init_state, make_train_step
 
 MODELS = {

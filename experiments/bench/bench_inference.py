@@ -31,9 +31,10 @@ from loraprune_jax.eval.perplexity import window_nll  # noqa: E402
 from loraprune_jax.io import load_model  # noqa: E402
 from loraprune_jax.models.llama import stack_layers  # noqa: E402
 from loraprune_jax.models.lora import init_lora  # noqa: E402
-from loraprune_jax.pruning.groups import init_masks  # noqa: E402
-from loraprune_jax.pruning.masks import excluded_layers, update_masks  # noqa: E402
-from loraprune_jax.pruning.slicing import slice_and_merge  # noqa: E402
+from loraprune_jax.models.llama_pruning import init_masks  # noqa: E402
+from loraprune_jax.core.masks import update_masks  # noqa: E402
+from loraprune_jax.core.trees import excluded_layers  # noqa: E402
+from loraprune_jax.models.llama_pruning import slice_and_merge  # noqa: E402
 from loraprune_jax.train.hostmem import keep_freed_memory
 
 

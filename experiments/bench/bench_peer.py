@@ -41,7 +41,7 @@ from loraprune_jax.config import EMA_BETA, LoraConfig, PruneConfig, TrainConfig
 from loraprune_jax.io import export_hf, load_model
 from loraprune_jax.models.llama import stack_layers
 from loraprune_jax.models.lora import init_lora
-from loraprune_jax.pruning.groups import init_masks
+from loraprune_jax.models.llama_pruning import init_masks
 from loraprune_jax.train.hostmem import keep_freed_memory
 from loraprune_jax.train.step import init_state, make_train_step
 

@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     from loraprune_jax.models.llama import stack_layers
     from loraprune_jax.models.lora import init_lora
     from loraprune_jax.parallel import mesh as pm
-    from loraprune_jax.pruning.groups import init_masks
+    from loraprune_jax.models.llama_pruning import init_masks
     from loraprune_jax.train.step import init_state, make_train_step
 
     devices = jax.devices()

@@ -43,8 +43,8 @@ from loraprune_jax.config import LoraConfig, PruneConfig, TrainConfig  # noqa: E
 from loraprune_jax.io import load_model  # noqa: E402
 from loraprune_jax.models.llama import causal_attention, logits_from_hidden, loss, stack_layers  # noqa: E402
 from loraprune_jax.models.lora import init_lora  # noqa: E402
-from loraprune_jax.pruning.criteria import layer_scores  # noqa: E402
-from loraprune_jax.pruning.groups import init_masks  # noqa: E402
+from loraprune_jax.models.llama_pruning import layer_scores  # noqa: E402
+from loraprune_jax.models.llama_pruning import init_masks  # noqa: E402
 from loraprune_jax.train.hostmem import keep_freed_memory  # noqa: E402
 from loraprune_jax.train.step import clip_by_global_norm, init_state, make_optimizer, make_train_step  # noqa: E402
 

@@ -103,7 +103,7 @@ def export_hf(
     code described in the module docstring (load it with ``trust_remote_code=True``). Returns
     the directory. ``extra_files`` (name -> contents) may not replace the files written here.
     ``masks`` (weight-shaped element masks, either layout) are written as ``masks.safetensors``;
-    ``base`` should already be zero where they are (``pruning.sparsity.apply_element_masks``).
+    ``base`` should already be zero where they are (``core.elements.apply_element_masks``).
     """
     out_dir = Path(out_dir)
     files: dict[str, str | bytes] = {}

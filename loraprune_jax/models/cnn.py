@@ -20,8 +20,8 @@ LoRA tree (the paths of the adapted kernels, as for every model here)::
      "dense": [{"kernel": {"a": (in, r), "b": (r, out)}}, ...]}          # only when targeted
 
 so the merged conv kernel is ``kernel + scale * a @ b`` (matmul broadcasts over ``kh, kw``),
-which :func:`loraprune_jax.models.lora.merge_pair` and
-:func:`loraprune_jax.pruning.importance.estimate_weight_grad` already compute for 4-D ``a``.
+which :func:`loraprune_jax.core.lora.merge_pair` and
+:func:`loraprune_jax.core.importance.estimate_weight_grad` already compute for 4-D ``a``.
 
 Masks: ``{"layers": [{"channels": (out,)} per conv]}``, multiplying each conv block's output
 after BN, so a zero channel contributes nothing downstream: masking equals slicing it away.
@@ -35,8 +35,8 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 
-from ..pruning.groups import Coupling, GroupKind
-from .lora import init_pair, lora_linear
+from ..core.groups import Coupling, GroupKind
+from ..core.lora import init_pair, lora_linear
 
 Array = jax.Array
 CONV_KEYS = ("kernel", "bias", "bn_gamma", "bn_beta", "bn_mean", "bn_var")
@@ -167,7 +167,7 @@ def forward(
         pair = (lora_convs[i] or {}).get("kernel") if lora_convs is not None else None
         x = lora_conv(x, conv["kernel"], conv["bias"], pair, lora_scale, config.padding)
         x = batch_norm(jax.nn.relu(x), conv, config.bn_eps)
-        if masks is not None:  # (C,), or (B, C) per-example gates (pruning.gates)
+        if masks is not None:  # (C,), or (B, C) per-example gates (core.gates)
             m = masks["layers"][i]["channels"].astype(x.dtype)
             x = x * (m if m.ndim == 1 else m[:, None, None, :])
         x = max_pool(x, pool)

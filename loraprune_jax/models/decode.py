@@ -24,7 +24,7 @@ import numpy as np
 
 from ..config import LlamaConfig, LoraConfig
 from .llama import attention_inputs, logits_from_hidden, mlp, rms_norm, rope_tables
-from .lora import lora_linear
+from ..core.lora import lora_linear
 
 Array = jax.Array
 _NEG = float(jnp.finfo(jnp.float32).min)

@@ -24,10 +24,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ..config import PROJECTIONS, LlamaConfig, LoraConfig
+from ..core.dropout import dropout as apply_dropout
+from ..core.lora import lora_linear
 from ..parallel.mesh import constrain
-from ..pruning.groups import expand_unit_mask
-from .dropout import dropout as apply_dropout
-from .lora import lora_linear
 
 _ACT = ("batch", "seq", "embed")  # logical axes of the hidden states between blocks
 
@@ -123,6 +122,15 @@ def _gated_activation(g: Array, u: Array, gate: Array) -> Array:
     return gate_groups(jax.nn.silu(g) * u, gate, 1)
 
 
+def expand_unit_mask(mask: Array, heads: int, kv_heads: int, head_dim: int) -> dict[str, Array]:
+    """Column masks for q, k and v (and row mask for o) from a per-unit mask of length kv_heads
+    (an attention unit: one KV head and the query heads sharing it, ``models.llama_pruning``)."""
+    q_per_unit = (heads // kv_heads) * head_dim if kv_heads else 0
+    q_cols = jnp.repeat(mask, q_per_unit, total_repeat_length=heads * head_dim)
+    kv_cols = jnp.repeat(mask, head_dim, total_repeat_length=kv_heads * head_dim)
+    return {"q": q_cols, "k": kv_cols, "v": kv_cols, "o": q_cols}
+
+
 def _sq_sum(x: Array) -> Array:
     """Sum of squares over all but the last axis, in float32 (input norms for wanda)."""
     x = x.astype(jnp.float32)
@@ -188,7 +196,7 @@ def masked_lora_linear(
     """``x @ ((W + scale * A @ B) * M)``: an element mask on the *merged* weight.
 
     The mask must hold after LoRA is folded in (the export zeroes ``merge(W) * M``), so unlike
-    :func:`~loraprune_jax.models.lora.lora_linear` this forms ``A @ B`` (in float32, cast to
+    :func:`~loraprune_jax.core.lora.lora_linear` this forms ``A @ B`` (in float32, cast to
     ``W``'s dtype as ``merge_pair`` does). With LoRA dropout the LoRA path sees the dropped-out
     input: ``x @ (W * M) + scale * dropout(x) @ ((A @ B) * M)``.
     """

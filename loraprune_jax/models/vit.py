@@ -29,8 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ..pruning.groups import Coupling, GroupKind, declared_masks
-from .lora import init_pair, lora_linear
+from ..core.groups import Coupling, GroupKind
+from ..core.lora import init_pair, lora_linear
 
 Array = jax.Array
 
@@ -103,7 +103,7 @@ def _block(
     h = layer_norm(x, layer["norm1_scale"], layer["norm1_bias"], eps)
     q, k, v = (proj(n, h, keys[i]).reshape(b, t, heads, head_dim) for i, n in enumerate("qkv"))
     ctx = attention(q, k, v)
-    if mask is not None:  # (heads,), or (B, heads) per-example gates (pruning.gates)
+    if mask is not None:  # (heads,), or (B, heads) per-example gates (core.gates)
         m = mask["attn"].astype(ctx.dtype)
         ctx = ctx * (m[:, None] if m.ndim == 1 else m[:, None, :, None])
     x = x + layer["ls1"] * proj("o", ctx.reshape(b, t, heads * head_dim), keys[3])
@@ -194,11 +194,6 @@ def init_vit_lora(
             pairs[name] = init_pair(keys[i * len(targets) + j], layer[name].shape, rank, dtype)
         out.append(pairs)
     return {"layers": out}
-
-
-def init_vit_masks(params: dict[str, Any], head_dim: int = HEAD_DIM, dtype: Any = jnp.float32) -> dict[str, Any]:
-    """All-ones masks ``{"layers": [{"attn": (heads,), "mlp": (ffn,)}, ...]}`` for ``params``."""
-    return declared_masks(declaration(params, head_dim), dtype)
 
 
 def groups(params: dict[str, Any], layer_index: int, head_dim: int = HEAD_DIM) -> dict[str, GroupKind]:
@@ -320,7 +315,6 @@ __all__ = [
     "groups",
     "init_vit",
     "init_vit_lora",
-    "init_vit_masks",
     "layer_norm",
     "patch_embed",
     "widths",

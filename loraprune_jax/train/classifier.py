@@ -2,7 +2,7 @@
 (a VTAB-1k-style task) and the bundled CIFAR-10 CNN.
 
 The LLaMA loop's machinery, unchanged, driven by each family's group declaration
-(``pruning.groups``): in-step importance (``criteria.declared_scores``) with its moving average,
+(``core.groups``): in-step importance (``core.criteria.declared_scores``) with its moving average,
 the cubic schedule, the mask update between compiled phases, and slicing to a smaller dense
 model (``slicing.slice_declared``). What differs is only the model, the data and the loss:
 cross-entropy on labels for the ViT (LoRA on the backbone and the head trained together), and
@@ -25,14 +25,14 @@ import optax
 
 from ..config import VISION_MODELS, ClassifierConfig
 from ..data import images as _images
-from ..pruning.criteria import declared_scores
-from ..pruning.gates import gate_statistic, init_gates, is_gate_criterion, ranking_scores
-from ..pruning.groups import declared_masks
-from ..pruning.importance import ema_update
-from ..pruning.masks import excluded_layers, mask_stats, update_masks
-from ..pruning.slicing import count_params, slice_declared
+from ..core.criteria import declared_scores, gate_statistic, is_gate_criterion, ranking_scores
+from ..core.gates import init_gates
+from ..core.groups import declared_masks
+from ..core.masks import mask_stats, update_masks
+from ..core.slicing import slice_declared
+from ..core.trees import count_params, excluded_layers
 from .loop import METRICS_FILE, RUN_CONFIG_FILE, make_schedule, write_json
-from .step import clip_by_global_norm, make_optimizer
+from .step import apply_update, clip_by_global_norm, make_optimizer
 
 Array = jax.Array
 
@@ -130,17 +130,14 @@ def make_classifier_step(family: Family, cfg: ClassifierConfig, declaration: lis
             state["trainable"], gates, params, masks, images, targets)
         grads, gate_grads = grads
         grads, grad_norm, _ = clip_by_global_norm(grads, cfg.train.clip_norm)
-        updates, opt_state = optimizer.update(grads, state["opt_state"], state["trainable"])
         if gated:
             new_scores = gate_statistic(p.criterion, gate_grads)
         else:
             new_scores = declared_scores(p.criterion, params, state["trainable"]["lora"], declaration,
                                          scale=scale, power=p.power, lora_grads=grads["lora"],
                                          key=jax.random.fold_in(key, state["step"]))
-        scores, skipped = ema_update(state["scores"], new_scores, p.beta)
+        new_state, skipped = apply_update(state, "trainable", grads, new_scores, optimizer, p.beta)
         labels = jnp.argmax(targets, -1) if distill else targets
-        new_state = {"trainable": optax.apply_updates(state["trainable"], updates),
-                     "opt_state": opt_state, "scores": scores, "step": state["step"] + 1}
         return new_state, {"loss": loss, "grad_norm": grad_norm, "score_skipped": skipped,
                            "acc": jnp.mean(jnp.argmax(logits, -1) == labels)}
 

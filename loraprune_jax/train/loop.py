@@ -46,25 +46,24 @@ from ..parallel.mesh import (
     replicated,
     shard_base,
 )
-from ..pruning.gates import ranking_scores
-from ..pruning.groups import init_masks
-from ..pruning.masks import (
-    excluded_layers,
-    mask_stats,
-    masked_widths,
-    num_to_prune,
-    update_masks,
-)
-from ..pruning.schedule import OneShotSchedule, PruneSchedule
-from ..pruning.slicing import count_params, slice_and_merge
-from ..pruning.sparsity import (
+from ..core.criteria import ranking_scores
+from ..core.elements import (
     apply_element_masks,
-    check_nm,
-    init_element_masks,
     nm_fraction,
-    sparsity_stats,
     update_element_masks,
     update_nm_masks,
+)
+from ..core.masks import mask_stats, num_to_prune, update_masks
+from ..core.schedule import OneShotSchedule, PruneSchedule
+from ..core.trees import count_params, excluded_layers
+from ..models.llama_pruning import (
+    ELEMENT_FAMILIES,
+    check_nm_widths,
+    init_element_masks,
+    init_masks,
+    llama_sparsity_stats,
+    masked_widths,
+    slice_and_merge,
 )
 from .checkpoint import RunCheckpointer
 from .step import init_state, make_train_step
@@ -127,7 +126,7 @@ class PreparedRun:
         )
         self.masked = tuple(p for p in PROJECTIONS if p in cfg.lora.targets)  # element masks
         if cfg.prune.granularity == "nm":
-            check_nm(self.config, self.masked, *cfg.prune.nm_pattern, excluded=self.excluded)
+            check_nm_widths(self.config, self.masked, *cfg.prune.nm_pattern, excluded=self.excluded)
         self._check_final_widths()
         self.host_base = host  # list layout, numpy: sliced on the host at the end
         self.base = shard_base(host, self.config, self.mesh)  # stacked when widths are uniform
@@ -204,12 +203,12 @@ def update_run_masks(masks: Any, scores: Any, cfg: RunConfig, ratio: float,
     the schedule's progress ``ratio / prune.ratio`` as the share of blocks to give the pattern."""
     p = cfg.prune
     if p.granularity == "unstructured":
-        return update_element_masks(masks, scores, ratio, excluded=excluded,
+        return update_element_masks(masks, scores, ratio, excluded=excluded, order=PROJECTIONS,
                                     allocation=p.allocation)
     if p.granularity == "nm":
         n, m = p.nm_pattern
         fraction = min(max(ratio / p.ratio, 0.0), 1.0)
-        return update_nm_masks(masks, scores, fraction, n, m, excluded=excluded)
+        return update_nm_masks(masks, scores, fraction, n, m, excluded=excluded, order=PROJECTIONS)
     return update_masks(masks, ranking_scores(p.criterion, scores), ratio, excluded=excluded,
                         allocation=p.allocation)
 
@@ -346,7 +345,7 @@ def run_prune(
     step = start
     element = cfg.prune.element_wise
     # host copy of the kept counts (or sparsity); refreshed only when masks change
-    stats = sparsity_stats(masks, run.excluded) if element else mask_stats(masks)
+    stats = llama_sparsity_stats(masks, run.excluded) if element else mask_stats(masks)
     for step_idx, tokens in batches:
         if step_idx >= t.steps:
             break
@@ -355,7 +354,7 @@ def run_prune(
         if run.schedule.is_update_step(step):
             masks = update_run_masks(masks, state["scores"], cfg, run.schedule.ratio_at(step),
                                      run.excluded)
-            stats = sparsity_stats(masks, run.excluded) if element else mask_stats(masks)
+            stats = llama_sparsity_stats(masks, run.excluded) if element else mask_stats(masks)
         loss = float(metrics["loss"])
         if bool(metrics["score_skipped"]):
             log(f"step {step}: non-finite importance scores; moving average not updated")
@@ -455,7 +454,7 @@ def element_sparsity_report(masks: Any, cfg: RunConfig, excluded: tuple[int, ...
     """The metrics' ``sparsity`` entry of a weight-mask run: achieved sparsity per projection and
     overall (over all masked matrices, over the pruned layers, and of the whole model), per layer,
     and for N:M the share of blocks that follow the pattern."""
-    stats = sparsity_stats(masks, excluded)
+    stats = llama_sparsity_stats(masks, excluded)
     out = {
         "target": cfg.prune.ratio,
         "overall": stats["sparsity"],

@@ -28,9 +28,10 @@ from ..parallel.mesh import (
     param_shardings,
     replicated,
 )
-from ..pruning.criteria import element_scores, layer_scores
-from ..pruning.gates import gate_statistic, init_gates, is_gate_criterion
-from ..pruning.importance import ema_update
+from ..core.criteria import element_scores, gate_statistic, is_gate_criterion
+from ..core.gates import init_gates
+from ..core.importance import ema_update
+from ..models.llama_pruning import layer_scores, stats_by_path
 
 Array = jax.Array
 State = dict[str, Any]  # {"lora", "opt_state", "scores", "step"}
@@ -54,6 +55,17 @@ def clip_by_global_norm(grads: Any, clip_norm: float) -> tuple[Any, Array, Array
     norm = optax.tree.norm(grads)
     factor = jnp.minimum(1.0, clip_norm / (norm + 1e-6))
     return jax.tree.map(lambda g: g * factor, grads), norm, factor
+
+
+def apply_update(state: State, trainable: str, grads: Any, new_scores: Any,
+                 optimizer: optax.GradientTransformation, beta: float) -> tuple[State, Array]:
+    """The end of every train step, language or vision: AdamW on ``state[trainable]`` with the
+    (clipped) ``grads``, the new scores folded into the moving average (skipped when not finite),
+    the step counted. Returns the new state and the "skipped" flag."""
+    scores, skipped = ema_update(state["scores"], new_scores, beta)
+    updates, opt_state = optimizer.update(grads, state["opt_state"], state[trainable])
+    return {**state, trainable: optax.apply_updates(state[trainable], updates),
+            "opt_state": opt_state, "scores": scores, "step": state["step"] + 1}, skipped
 
 
 def zero_scores(masks: dict[str, Any]) -> dict[str, Any]:
@@ -116,7 +128,7 @@ def make_train_step(
     under ``prune_cfg.criterion`` and folded into the EMA (skipped when not finite).
     ``vanilla`` also differentiates the frozen projection weights (that is its cost);
     ``wanda`` collects input norms in the forward pass. ``fisher`` and ``taylor`` also
-    differentiate per-example gates equal to the masks (``pruning.gates``): the new score of a
+    differentiate per-example gates equal to the masks (``core.gates``): the new score of a
     group is the sum over examples of its squared gate gradient (``fisher``) or the signed
     gradient of the step's loss (``taylor``, ranked by magnitude), taken before clipping, which
     exists for the optimizer. With ``jit=False`` the function is
@@ -129,8 +141,8 @@ def make_train_step(
     gradients inside the step, so only the small vectors are replicated.
 
     With ``prune_cfg.granularity`` ``unstructured`` or ``nm`` the masks are weight-shaped
-    (``pruning.sparsity.init_element_masks``) and the step keeps the moving average of the
-    criterion's element scores (:func:`~loraprune_jax.pruning.criteria.element_scores`) of the
+    (``models.llama_pruning.init_element_masks``) and the step keeps the moving average of the
+    criterion's element scores (:func:`~loraprune_jax.core.criteria.element_scores`) of the
     masked projections instead of group scores.
     """
     criterion = prune_cfg.criterion
@@ -211,13 +223,14 @@ def make_train_step(
 
         def one_layer(layer, adapters, grads, wgrads, stats, k):
             if element:
-                return element_scores(
-                    criterion, layer, adapters, scale=scale, power=prune_cfg.power,
-                    lora_grads=grads, weight_grads=wgrads, input_stats=stats, key=k, names=names,
+                scored = element_scores(
+                    criterion, layer, adapters, [(name,) for name in names], scale=scale,
+                    power=prune_cfg.power, lora_grads=grads, weight_grads=wgrads,
+                    input_stats=stats_by_path(stats), key=k,
                 )
-            n_units = layer["k"].shape[-1] // config.head_dim
+                return {path[0]: s for path, s in scored.items()}
             return layer_scores(
-                criterion, layer, adapters, n_units, scale=scale, power=prune_cfg.power,
+                criterion, layer, adapters, config.head_dim, scale=scale, power=prune_cfg.power,
                 lora_grads=grads, weight_grads=wgrads, input_stats=stats, key=k,
             )
 
@@ -230,15 +243,8 @@ def make_train_step(
                 one_layer, layers, lora["layers"], lora_grads["layers"],
                 weight_grads, stats_sum["layers"] if stats_sum is not None else None, keys,
             )}
-        scores, skipped = ema_update(state["scores"], new_scores, prune_cfg.beta)
-
-        updates, opt_state = optimizer.update(lora_grads, state["opt_state"], lora)
-        new_state = {
-            "lora": optax.apply_updates(lora, updates),
-            "opt_state": opt_state,
-            "scores": scores,
-            "step": state["step"] + 1,
-        }
+        new_state, skipped = apply_update(state, "lora", lora_grads, new_scores, optimizer,
+                                          prune_cfg.beta)
         metrics = {"loss": loss_sum / accum, "grad_norm": grad_norm, "score_skipped": skipped}
         return new_state, metrics
 

@@ -11,15 +11,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from conftest import tiny_config
 from loraprune_jax.config import PROJECTIONS
-from loraprune_jax.pruning.sparsity import (
-    apply_element_masks,
-    check_nm,
-    init_element_masks,
-    nm_fraction,
-    sparsity_stats,
-    update_element_masks,
-    update_nm_masks,
-)
+from loraprune_jax.core.elements import apply_element_masks, nm_fraction, sparsity_stats, update_element_masks, update_nm_masks
+from loraprune_jax.models.llama_pruning import check_nm_widths as check_nm, init_element_masks, llama_sparsity_stats
 
 CFG = tiny_config("gqa")  # 3 layers; q (48, 48), k/v (48, 16), o (48, 48), gate/up (48, 40), down (40, 48)
 
@@ -101,9 +94,11 @@ def test_ties_go_to_lower_indices():
     # global ties: earlier layer, then earlier projection, then index
     masks = {"layers": [{"q": np.ones((2, 2), np.float32), "k": np.ones((2, 2), np.float32)}] * 2}
     scores = jax.tree.map(np.zeros_like, masks)
-    new = update_element_masks(masks, scores, 0.375, allocation="global")  # 6 of 16
+    new = update_element_masks(masks, scores, 0.375, allocation="global", order=PROJECTIONS)  # 6 of 16
     assert [zeros(new["layers"][i][n]) for i in (0, 1) for n in ("q", "k")] == [4, 2, 0, 0]
     np.testing.assert_array_equal(new["layers"][0]["k"].reshape(-1), [0, 0, 1, 1])
+    new = update_element_masks(masks, scores, 0.375, allocation="global")  # default: names sorted
+    assert [zeros(new["layers"][i][n]) for i in (0, 1) for n in ("q", "k")] == [2, 4, 0, 0]
 
 
 @pytest.mark.parametrize("stacked", [False, True])
@@ -198,7 +193,7 @@ def test_nm_validation():
         with pytest.raises(ValueError, match=msg):
             update_nm_masks(masks, scores, 1.0, n, m)
     with pytest.raises(ValueError, match=r"layer 0 'q' has input dimension 48, not divisible by M=7"):
-        update_nm_masks(masks, scores, 1.0, 2, 7)
+        update_nm_masks(masks, scores, 1.0, 2, 7, order=PROJECTIONS)
     with pytest.raises(ValueError, match="fraction"):
         update_nm_masks(masks, scores, 1.5)
     with pytest.raises(ValueError, match=r"'down' has input dimension 40, not divisible by M=16"):
@@ -257,7 +252,7 @@ def test_apply_element_masks_and_stats():
 
     two = {"layers": [{"q": np.array([[0, 1], [0, 1]]), "up": np.ones((2, 3))},
                       {"q": np.zeros((2, 2)), "up": np.array([[1, 1, 0], [0, 1, 1]])}]}
-    st = sparsity_stats(two, excluded=(0,))
+    st = llama_sparsity_stats(two, excluded=(0,))
     assert st["zeros"] == 2 + 0 + 4 + 2 and st["total"] == 20
     assert st["sparsity"] == pytest.approx(8 / 20)
     assert st["projections"] == {"q": pytest.approx(6 / 8), "up": pytest.approx(2 / 12)}

@@ -19,14 +19,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from ..config import GATE_CRITERIA
-
 Array = jax.Array
-
-
-def is_gate_criterion(criterion: str) -> bool:
-    """Whether ``criterion`` scores groups through gate gradients (``fisher``, ``taylor``)."""
-    return criterion in GATE_CRITERIA
 
 
 def init_gates(masks: Any, batch_size: int) -> Any:
@@ -39,20 +32,12 @@ def init_gates(masks: Any, batch_size: int) -> Any:
     return jax.tree.map(one, masks)
 
 
-def gate_statistic(criterion: str, gate_grads: Any) -> Any:
-    """One micro-batch's contribution to the new scores, shaped like the masks: the sum over
-    examples of the squared gate gradients (``fisher``) or of the signed gradients (``taylor``,
-    i.e. the gradient of the micro-batch loss)."""
-    if criterion == "fisher":
-        return jax.tree.map(lambda g: jnp.sum(jnp.square(g.astype(jnp.float32)), axis=-2), gate_grads)
-    if criterion == "taylor":
-        return jax.tree.map(lambda g: jnp.sum(g.astype(jnp.float32), axis=-2), gate_grads)
-    raise ValueError(f"{criterion!r} is not a gate criterion; choose from {', '.join(GATE_CRITERIA)}")
+def fisher_statistic(gate_grads: Any) -> Any:
+    """One micro-batch's ``fisher`` scores: the sum over examples of squared gate gradients."""
+    return jax.tree.map(lambda g: jnp.sum(jnp.square(g.astype(jnp.float32)), axis=-2), gate_grads)
 
 
-def ranking_scores(criterion: str, scores: Any) -> Any:
-    """The scores masks are ranked by: ``taylor`` keeps the moving average of the *signed* gate
-    gradient and ranks by its magnitude; every other criterion ranks its scores as they are."""
-    if criterion == "taylor":
-        return jax.tree.map(jnp.abs, scores)
-    return scores
+def taylor_statistic(gate_grads: Any) -> Any:
+    """One micro-batch's ``taylor`` scores: the sum over examples of the signed gate gradients,
+    i.e. the gradient of the micro-batch loss (ranked by magnitude)."""
+    return jax.tree.map(lambda g: jnp.sum(g.astype(jnp.float32), axis=-2), gate_grads)

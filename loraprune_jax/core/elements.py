@@ -1,16 +1,17 @@
-"""Element-wise (unstructured) and N:M weight masks: creation, progressive updates, statistics.
+"""Element-wise (unstructured) and N:M weight masks: progressive updates, applying, statistics.
 
-Masks and their moving-average scores are weight-shaped, one per masked projection of each layer,
-in the base tree's layout: a list ``{"layers": [{"q": (in, out), ...}, ...]}`` or the stacked
-``{"layers": {"q": (L, in, out), ...}}``. The forward pass multiplies the *merged* weight by
-them, ``(W + s * A @ B) * M`` (``models.llama``), so the export ``merge(W) * M`` has exact zeros
-where ``M`` is 0 and computes what training saw.
+Masks and their moving-average scores are weight-shaped, one per masked matrix of each layer: a
+list ``{"layers": [{name: (in, out), ...}, ...]}`` or the stacked ``{"layers": {name: (L, in,
+out), ...}}`` (LLaMA's are created by ``models.llama_pruning.init_element_masks``). The forward
+pass multiplies the *merged* weight by them, ``(W + s * A @ B) * M``, so the export
+``merge(W) * M`` has exact zeros where ``M`` is 0 and computes what training saw.
 
 Updates run in numpy on the host between compiled phases, as ``masks.update_masks`` does for the
 structured masks, and return a tree with the input masks' structure, dtypes, shapes, array types
 and (for jax arrays) shardings, so a jitted step taking masks never recompiles. Masks only
-shrink. Ties are broken by position (lower flat index first, then earlier layer and projection),
-so an update is a deterministic function of ``(masks, scores)``.
+shrink. Ties are broken by position (lower flat index first, then earlier layer and matrix, the
+matrices in ``order``, by default sorted by name), so an update is a deterministic function of
+``(masks, scores)``.
 
 N:M runs along the input axis (axis 0 of the Flax ``(in, out)`` kernel, the reduction axis of
 ``x @ W``): in every block of ``m`` consecutive input rows of one output column, ``n`` weights are
@@ -27,66 +28,26 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..config import PROJECTIONS, LlamaConfig
-from ..models import llama as _llama  # module import: models.llama imports the pruning package
-from .masks import num_to_prune
+from .masks import ALLOCATIONS, num_to_prune
+from .trees import active_layers, like
 
-ALLOCATIONS = ("uniform", "global")
-
-
-# Creation --------------------------------------------------------------------------------------
-def init_element_masks(
-    config: LlamaConfig,
-    names: Sequence[str] = PROJECTIONS,
-    *,
-    stacked: bool = False,
-    dtype: Any = jnp.float32,
-) -> dict[str, Any]:
-    """All-ones weight-shaped masks ``{"layers": [{name: (in, out)}, ...]}`` for ``names``.
-
-    With ``stacked=True`` (uniform widths only) each projection's masks are stacked on a leading
-    layer axis, matching a stacked base tree.
-    """
-    names = _check_names(names)
-    layers = [
-        {name: jnp.ones(_llama.layer_shapes(config, i)[name], dtype) for name in names}
-        for i in range(config.num_layers)
-    ]
-    if stacked:
-        if not config.is_uniform:
-            raise ValueError("stacked masks need uniform layer widths")
-        return {"layers": jax.tree.map(lambda *xs: jnp.stack(xs), *layers)}
-    return {"layers": layers}
+Order = Sequence[str] | None  # the matrices' tie order; None: sorted by name
 
 
-def _check_names(names: Iterable[str]) -> tuple[str, ...]:
+def _names(names: Iterable[str], order: Order) -> tuple[str, ...]:
     names = tuple(names)
-    bad = sorted(set(names) - set(PROJECTIONS))
-    if bad or not names:
-        raise ValueError(f"masked projections must be a non-empty subset of {PROJECTIONS}, got {names}")
-    return tuple(p for p in PROJECTIONS if p in names)  # a fixed order: ties follow it
+    if not names:
+        raise ValueError("an element mask layer must hold at least one matrix")
+    if order is None:
+        return tuple(sorted(names))
+    unknown = sorted(set(names) - set(order))
+    if unknown:
+        raise ValueError(f"masked matrices {unknown} are not in the order {tuple(order)}")
+    return tuple(n for n in order if n in names)
 
 
-def check_nm(
-    config: LlamaConfig, names: Sequence[str], n: int, m: int, excluded: Iterable[int] = ()
-) -> None:
-    """Raise ``ValueError`` unless every pruned projection's input dimension splits into blocks
-    of ``m`` (checked before a run starts rather than at its first mask update)."""
-    _check_nm(n, m)
-    skip = {int(i) % config.num_layers for i in excluded} if config.num_layers else set()
-    for i in range(config.num_layers):
-        if i in skip:
-            continue
-        shapes = _llama.layer_shapes(config, i)
-        for name in _check_names(names):
-            if shapes[name][0] % m:
-                raise ValueError(
-                    f"N:M {n}:{m}: layer {i} {name!r} has input dimension {shapes[name][0]}, "
-                    f"not divisible by M={m}"
-                )
-
-
-def _check_nm(n: int, m: int) -> None:
+def check_nm(n: int, m: int) -> None:
+    """Raise ``ValueError`` unless ``1 <= n < m`` are integers (keep ``n`` of every ``m``)."""
     for what, v in (("n", n), ("m", m)):
         if isinstance(v, bool) or int(v) != v:
             raise ValueError(f"N:M {what} must be an integer, got {v!r}")
@@ -95,13 +56,13 @@ def _check_nm(n: int, m: int) -> None:
 
 
 # Tree plumbing ---------------------------------------------------------------------------------
-def _matrices(tree: Any, what: str) -> list[dict[str, np.ndarray]]:
+def _matrices(tree: Any, what: str, order: Order = None) -> list[dict[str, np.ndarray]]:
     """Per layer, ``{name: 2-D numpy array}`` from a list or stacked element tree."""
     if not isinstance(tree, Mapping) or "layers" not in tree:
         raise ValueError(f"{what} must be a dict with a 'layers' entry")
     layers = tree["layers"]
     if isinstance(layers, Mapping):  # stacked
-        names = _check_names(layers)
+        names = _names(layers, order)
         arrays = {name: np.asarray(layers[name]) for name in names}
         for name, arr in arrays.items():
             if arr.ndim != 3:
@@ -113,7 +74,7 @@ def _matrices(tree: Any, what: str) -> list[dict[str, np.ndarray]]:
     if isinstance(layers, (list, tuple)):
         out = []
         for i, layer in enumerate(layers):
-            names = _check_names(layer)
+            names = _names(layer, order)
             d = {name: np.asarray(layer[name]) for name in names}
             for name, arr in d.items():
                 if arr.ndim != 2:
@@ -123,17 +84,6 @@ def _matrices(tree: Any, what: str) -> list[dict[str, np.ndarray]]:
     raise ValueError(f"{what}['layers'] must be a list of dicts or a dict of stacked arrays")
 
 
-def _like(template: Any, value: np.ndarray) -> Any:
-    """``value`` as the same kind of array as ``template`` (dtype, and sharding for jax arrays);
-    the local equivalent of ``masks._like``."""
-    value = np.asarray(value, dtype=template.dtype).reshape(template.shape)
-    if isinstance(template, jax.Array):
-        if getattr(template, "committed", True):
-            return jax.make_array_from_callback(value.shape, template.sharding, lambda i: value[i])
-        return jnp.asarray(value)
-    return value
-
-
 def _rebuild(masks: Any, new: list[dict[str, np.ndarray]]) -> dict[str, Any]:
     """A tree with the structure of ``masks`` holding the ``new`` matrices."""
     layers = masks["layers"]
@@ -141,17 +91,18 @@ def _rebuild(masks: Any, new: list[dict[str, np.ndarray]]) -> dict[str, Any]:
     if isinstance(layers, Mapping):
         stacked = dict(layers)
         for name in new[0] if new else ():
-            stacked[name] = _like(layers[name], np.stack([layer[name] for layer in new]))
+            stacked[name] = like(layers[name], np.stack([layer[name] for layer in new]))
         out["layers"] = stacked
     else:
-        rebuilt = [{**layer, **{k: _like(layer[k], v) for k, v in nl.items()}}
+        rebuilt = [{**layer, **{k: like(layer[k], v) for k, v in nl.items()}}
                    for layer, nl in zip(layers, new)]
         out["layers"] = type(layers)(rebuilt) if isinstance(layers, tuple) else rebuilt
     return out
 
 
-def _pair_up(masks: Any, scores: Any) -> tuple[list[dict[str, np.ndarray]], list[dict[str, np.ndarray]]]:
-    m, s = _matrices(masks, "masks"), _matrices(scores, "scores")
+def _pair_up(masks: Any, scores: Any, order: Order
+             ) -> tuple[list[dict[str, np.ndarray]], list[dict[str, np.ndarray]]]:
+    m, s = _matrices(masks, "masks", order), _matrices(scores, "scores", order)
     if len(m) != len(s):
         raise ValueError(f"masks have {len(m)} layers, scores {len(s)}")
     for i, (ml, sl) in enumerate(zip(m, s)):
@@ -165,16 +116,6 @@ def _pair_up(masks: Any, scores: Any) -> tuple[list[dict[str, np.ndarray]], list
             if not np.all(np.isfinite(sl[name])):
                 raise ValueError(f"layer {i} {name!r}: scores are not all finite")
     return m, s
-
-
-def _active(num_layers: int, excluded: Iterable[int]) -> list[int]:
-    skip = set()
-    for i in excluded:
-        j = int(i) + num_layers if int(i) < 0 else int(i)
-        if not 0 <= j < num_layers:
-            raise ValueError(f"excluded layer {i} is out of range for {num_layers} layers")
-        skip.add(j)
-    return [i for i in range(num_layers) if i not in skip]
 
 
 def _float(scores: np.ndarray) -> np.ndarray:
@@ -214,6 +155,7 @@ def update_element_masks(
     *,
     excluded: Iterable[int] = (),
     allocation: str = "uniform",
+    order: Order = None,
 ) -> Any:
     """Zero the lowest-scoring weights until the pruned layers reach ``ratio``.
 
@@ -221,7 +163,7 @@ def update_element_masks(
     ``floor(N * ratio)`` zeros, chosen by the lowest ``score`` among the weights it still keeps
     (already-pruned weights count first: masks only shrink), ties by lower flat index.
     ``global``: the weights of all non-excluded matrices are ranked together and
-    ``floor(total * ratio)`` are zeroed (ties by layer, projection, then index), so matrices
+    ``floor(total * ratio)`` are zeroed (ties by layer, matrix in ``order``, then index), so matrices
     end with different sparsities. Excluded layers are returned unchanged.
 
     Returns a tree of the same structure, dtypes, shapes and array types as ``masks``.
@@ -230,8 +172,8 @@ def update_element_masks(
         raise ValueError(f"ratio must be in [0, 1), got {ratio}")
     if allocation not in ALLOCATIONS:
         raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}")
-    m, s = _pair_up(masks, scores)
-    active = _active(len(m), excluded)
+    m, s = _pair_up(masks, scores, order)
+    active = active_layers(len(m), excluded)
     new = [dict(layer) for layer in m]
     if allocation == "uniform":
         for i in active:
@@ -280,6 +222,7 @@ def update_nm_masks(
     m: int = 4,
     *,
     excluded: Iterable[int] = (),
+    order: Order = None,
 ) -> Any:
     """Give a ``fraction`` of each pruned matrix's blocks the N:M pattern.
 
@@ -293,12 +236,12 @@ def update_nm_masks(
 
     Returns a tree of the same structure, dtypes, shapes and array types as ``masks``.
     """
-    _check_nm(n, m)
+    check_nm(n, m)
     if not 0.0 <= fraction <= 1.0:
         raise ValueError(f"fraction must be in [0, 1], got {fraction}")
-    ms, ss = _pair_up(masks, scores)
+    ms, ss = _pair_up(masks, scores, order)
     new = [dict(layer) for layer in ms]
-    for i in _active(len(ms), excluded):
+    for i in active_layers(len(ms), excluded):
         for name, mask in ms[i].items():
             if mask.shape[0] % m:
                 raise ValueError(
@@ -340,7 +283,7 @@ def _nm_matrix(mask: np.ndarray, score: np.ndarray, fraction: float, n: int, m: 
 def nm_fraction(mask: Any, n: int = 2, m: int = 4) -> float:
     """Fraction of a matrix's N:M blocks (``m`` consecutive input rows of a column) that keep at
     most ``n`` weights; 1.0 when the whole matrix follows the pattern."""
-    _check_nm(n, m)
+    check_nm(n, m)
     arr = np.asarray(mask)
     if arr.ndim != 2 or arr.shape[0] % m:
         raise ValueError(f"expected an (in, out) mask with in divisible by {m}, got {arr.shape}")
@@ -364,7 +307,7 @@ def apply_element_masks(base: Mapping[str, Any], masks: Mapping[str, Any]) -> di
         return jnp.where(mk != 0, w, jnp.zeros((), w.dtype))
 
     def one(layer: Mapping[str, Any], mask: Mapping[str, Any]) -> dict[str, Any]:
-        return {**layer, **{name: zero(layer[name], mask[name]) for name in _check_names(mask)}}
+        return {**layer, **{name: zero(layer[name], mask[name]) for name in mask}}
 
     if isinstance(layers, Mapping):
         return {**base, "layers": one(layers, mask_layers)}
@@ -373,17 +316,18 @@ def apply_element_masks(base: Mapping[str, Any], masks: Mapping[str, Any]) -> di
     return {**base, "layers": [one(l, mk) for l, mk in zip(layers, mask_layers)]}
 
 
-def sparsity_stats(masks: Any, excluded: Iterable[int] = ()) -> dict[str, Any]:
+def sparsity_stats(masks: Any, excluded: Iterable[int] = (), *, order: Order = None,
+                   families: Mapping[str, Sequence[str]] | None = None) -> dict[str, Any]:
     """Achieved sparsity (fraction of zeros) of element masks, JSON-ready.
 
     Keys: ``zeros``, ``total`` and ``sparsity`` over every masked matrix; ``projections``
-    (``{name: sparsity}`` over all layers); ``layers`` (per-layer sparsity); ``pruned_layers``
-    (``sparsity`` and ``projections`` over the non-excluded layers only, where the target ratio
-    applies); ``attn_kept`` / ``mlp_kept`` (kept fractions of q, k, v, o and of gate, up, down
-    weights, the history's counterparts of the structured kept fractions).
+    (``{name: sparsity}`` over all layers, names in ``order``); ``layers`` (per-layer sparsity);
+    ``pruned_layers`` (``sparsity`` and ``projections`` over the non-excluded layers only, where
+    the target ratio applies); and per family of ``families`` (LLaMA: ``attn`` = q, k, v, o and
+    ``mlp`` = gate, up, down) ``{family}_kept``, the kept fraction of its matrices' weights.
     """
-    mats = _matrices(masks, "masks")
-    active = set(_active(len(mats), excluded))
+    mats = _matrices(masks, "masks", order)
+    active = set(active_layers(len(mats), excluded))
     zeros: dict[tuple[int, str], int] = {}
     sizes: dict[tuple[int, str], int] = {}
     for i, layer in enumerate(mats):
@@ -395,12 +339,10 @@ def sparsity_stats(masks: Any, excluded: Iterable[int] = ()) -> dict[str, Any]:
         total = sum(sizes[k] for k in keys)
         return sum(zeros[k] for k in keys) / total if total else 0.0
 
-    names = [p for p in PROJECTIONS if any(p in layer for layer in mats)]
+    names = list(dict.fromkeys(name for layer in mats for name in layer))
     every = list(sizes)
     pruned = [k for k in every if k[0] in active]
-    attn = [k for k in every if k[1] in ("q", "k", "v", "o")]
-    mlp = [k for k in every if k[1] in ("gate", "up", "down")]
-    return {
+    out = {
         "zeros": sum(zeros.values()),
         "total": sum(sizes.values()),
         "sparsity": frac(every),
@@ -410,15 +352,15 @@ def sparsity_stats(masks: Any, excluded: Iterable[int] = ()) -> dict[str, Any]:
             "sparsity": frac(pruned),
             "projections": {p: frac([k for k in pruned if k[1] == p]) for p in names},
         },
-        "attn_kept": 1.0 - frac(attn),
-        "mlp_kept": 1.0 - frac(mlp),
     }
+    for family, members in (families or {}).items():
+        out[f"{family}_kept"] = 1.0 - frac([k for k in every if k[1] in members])
+    return out
 
 
 __all__: Sequence[str] = (
     "apply_element_masks",
     "check_nm",
-    "init_element_masks",
     "nm_fraction",
     "sparsity_stats",
     "update_element_masks",

@@ -2,7 +2,8 @@
 
 Masks and scores share one structure, either a list of per-layer dicts of group kinds
 (LLaMA: ``{"layers": [{"attn": (units,), "mlp": (ffn,)}, ...]}``; any declared kinds work, see
-``pruning.groups``) or the stacked form ``{"layers": {"attn": (L, units), "mlp": (L, ffn)}}``. The vectors are tiny, so the ranking runs
+``core.groups``, and layers may hold different kinds) or the stacked form
+``{"layers": {"attn": (L, units), "mlp": (L, ffn)}}``. The vectors are tiny, so the ranking runs
 in numpy on the host; the result keeps the input mask tree's structure, dtype, shape, array type
 and (for jax arrays) sharding and committed-ness, so a jitted step taking masks never recompiles.
 
@@ -17,11 +18,9 @@ import math
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
-from ..config import LlamaConfig
+from .trees import active_layers, like
 
 ALLOCATIONS = ("uniform", "global")
 _EPS = 1e-9
@@ -32,86 +31,58 @@ def num_to_prune(n_groups: int, ratio: float) -> int:
     return int(math.floor(n_groups * ratio + _EPS))
 
 
-def excluded_layers(
-    num_layers: int, first_fraction: float = 0.1, last: bool = True
-) -> tuple[int, ...]:
-    """Layers never pruned by default (method.md).
-
-    Those with index ``< int(first_fraction * L)``, and the last one when ``last``.
-    """
-    if num_layers < 0:
-        raise ValueError(f"num_layers must be >= 0, got {num_layers}")
-    if not 0.0 <= first_fraction <= 1.0:
-        raise ValueError(f"first_fraction must be in [0, 1], got {first_fraction}")
-    out = set(range(int(first_fraction * num_layers)))
-    if last and num_layers > 0:
-        out.add(num_layers - 1)
-    return tuple(sorted(out))
-
-
 # Tree plumbing -----------------------------------------------------------------------------
 def kinds_of(tree: Any) -> tuple[str, ...]:
-    """The group kinds of a mask or score tree (the keys of its layer dicts, in order)."""
+    """The group kinds of a mask or score tree, in order of first appearance over its layers."""
     layers = tree["layers"]
     if isinstance(layers, dict):
         return tuple(layers)
-    return tuple(layers[0]) if len(layers) else ()
+    return tuple(dict.fromkeys(kind for layer in layers for kind in layer))
 
 
-def _layer_vectors(tree: Any, name: str) -> dict[str, list[np.ndarray]]:
-    """Per kind, a list of per-layer numpy vectors from a list or stacked tree."""
+def _layer_vectors(tree: Any, name: str) -> tuple[int, dict[str, dict[int, np.ndarray]]]:
+    """The number of layers and, per kind, ``{layer: numpy vector}`` of the layers holding it,
+    from a list or stacked tree."""
     if not isinstance(tree, dict) or "layers" not in tree:
         raise ValueError(f"{name} must be a dict with a 'layers' entry")
     layers = tree["layers"]
     if not isinstance(layers, (dict, list, tuple)):
         raise ValueError(f"{name}['layers'] must be a list of dicts or a dict of stacked arrays")
-    kinds = kinds_of(tree)
-    out: dict[str, list[np.ndarray]] = {}
+    out: dict[str, dict[int, np.ndarray]] = {}
     if isinstance(layers, dict):  # stacked
-        for kind in kinds:
+        num_layers = None
+        for kind in layers:
             arr = np.asarray(layers[kind])
             if arr.ndim != 2:
                 raise ValueError(f"stacked {name}['layers'][{kind!r}] must be 2-D, got {arr.shape}")
-            out[kind] = [arr[i] for i in range(arr.shape[0])]
-    else:
-        for i, layer in enumerate(layers):
-            if tuple(layer) != kinds:
-                raise ValueError(f"{name} layer {i} has kinds {tuple(layer)}, layer 0 {kinds}")
-        for kind in kinds:
-            out[kind] = [np.asarray(layer[kind]) for layer in layers]
-            for i, v in enumerate(out[kind]):
-                if v.ndim != 1:
-                    raise ValueError(f"{name} layer {i} {kind!r} must be 1-D, got {v.shape}")
-    return out
+            out[kind] = {i: arr[i] for i in range(arr.shape[0])}
+            num_layers = arr.shape[0]
+        return num_layers or 0, out
+    for i, layer in enumerate(layers):
+        for kind, v in layer.items():
+            v = np.asarray(v)
+            if v.ndim != 1:
+                raise ValueError(f"{name} layer {i} {kind!r} must be 1-D, got {v.shape}")
+            out.setdefault(kind, {})[i] = v
+    return len(layers), out
 
 
-def _like(template: Any, value: np.ndarray) -> Any:
-    """``value`` as the same kind of array as ``template`` (dtype, and sharding for jax arrays)."""
-    value = np.asarray(value, dtype=template.dtype).reshape(template.shape)
-    if isinstance(template, jax.Array):
-        if getattr(template, "committed", True):
-            # Same sharding and committed-ness, so jit's cache key is unchanged; works per
-            # process on multi-host meshes (each process fills its addressable shards).
-            return jax.make_array_from_callback(value.shape, template.sharding, lambda i: value[i])
-        return jnp.asarray(value)
-    return value
-
-
-def _rebuild(masks: Any, new: dict[str, list[np.ndarray]]) -> dict[str, Any]:
+def _rebuild(masks: Any, new: dict[str, dict[int, np.ndarray]]) -> dict[str, Any]:
     """A tree with the structure of ``masks`` holding the ``new`` vectors."""
     layers = masks["layers"]
     out = {k: v for k, v in masks.items() if k != "layers"}
     if isinstance(layers, dict):
         stacked = dict(layers)
-        for kind in new:
-            stacked[kind] = _like(layers[kind], np.stack(new[kind]))
+        for kind, vectors in new.items():
+            stacked[kind] = like(layers[kind], np.stack([vectors[i] for i in sorted(vectors)]))
         out["layers"] = stacked
     else:
         rebuilt = []
         for i, layer in enumerate(layers):
             d = dict(layer)
-            for kind in new:
-                d[kind] = _like(layer[kind], new[kind][i])
+            for kind, vectors in new.items():
+                if i in vectors:
+                    d[kind] = like(layer[kind], vectors[i])
             rebuilt.append(d)
         out["layers"] = type(layers)(rebuilt) if isinstance(layers, tuple) else rebuilt
     return out
@@ -197,47 +168,41 @@ def update_masks(
         raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}")
     if min_keep < 0:
         raise ValueError(f"min_keep must be >= 0, got {min_keep}")
-    m = _layer_vectors(masks, "masks")
-    s = _layer_vectors(scores, "scores")
+    num_layers, m = _layer_vectors(masks, "masks")
+    score_layers, s = _layer_vectors(scores, "scores")
     if set(m) != set(s):
         raise ValueError(f"masks have group kinds {sorted(m)}, scores {sorted(s)}")
-    num_layers = len(next(iter(m.values()))) if m else 0
-    if m and len(next(iter(s.values()))) != num_layers:
-        raise ValueError(f"masks have {num_layers} layers, scores {len(next(iter(s.values())))}")
-    skip = set()
-    for i in excluded:
-        j = int(i) + num_layers if int(i) < 0 else int(i)
-        if not 0 <= j < num_layers:
-            raise ValueError(f"excluded layer {i} is out of range for {num_layers} layers")
-        skip.add(j)
-    active = [i for i in range(num_layers) if i not in skip]
+    if m and score_layers != num_layers:
+        raise ValueError(f"masks have {num_layers} layers, scores {score_layers}")
+    active = active_layers(num_layers, excluded)
 
-    new: dict[str, list[np.ndarray]] = {}
+    new: dict[str, dict[int, np.ndarray]] = {}
     for kind in m:
-        kept_l, score_l = [], []
-        for i in range(num_layers):
-            mv, sv = m[kind][i], s[kind][i]
+        if set(m[kind]) != set(s[kind]):
+            raise ValueError(f"{kind!r}: masks hold it in layers {sorted(m[kind])}, "
+                             f"scores in {sorted(s[kind])}")
+        kept_l, score_l = {}, {}
+        for i, mv in m[kind].items():
+            sv = s[kind][i]
             if mv.shape != sv.shape:
                 raise ValueError(f"layer {i} {kind!r}: mask {mv.shape} vs scores {sv.shape}")
             sv = sv.astype(np.float64)
             if not np.all(np.isfinite(sv)):
                 raise ValueError(f"layer {i} {kind!r}: scores are not all finite")
-            kept_l.append(mv.astype(np.float64) != 0)
-            score_l.append(sv)
+            kept_l[i] = mv.astype(np.float64) != 0
+            score_l[i] = sv
+        here = [i for i in active if i in kept_l]
         if allocation == "uniform":
-            new_kept = {i: _prune_uniform(kept_l[i], score_l[i], ratio, min_keep) for i in active}
+            new_kept = {i: _prune_uniform(kept_l[i], score_l[i], ratio, min_keep) for i in here}
         else:
-            res = _prune_global(
-                [kept_l[i] for i in active], [score_l[i] for i in active], ratio, min_keep
-            )
-            new_kept = dict(zip(active, res))
-        vectors = []
-        for i in range(num_layers):
-            mv = m[kind][i]
+            res = _prune_global([kept_l[i] for i in here], [score_l[i] for i in here], ratio, min_keep)
+            new_kept = dict(zip(here, res))
+        vectors = {}
+        for i, mv in m[kind].items():
             if i in new_kept:
                 newly = kept_l[i] & ~new_kept[i]
                 mv = np.where(newly, np.zeros((), mv.dtype), mv)
-            vectors.append(mv)
+            vectors[i] = mv
         new[kind] = vectors
     return _rebuild(masks, new)
 
@@ -246,46 +211,19 @@ def update_masks(
 def mask_stats(masks: Any) -> dict[str, Any]:
     """Kept groups per layer and kept fractions per kind (plain Python, JSON-ready).
 
-    Keys per group kind (LLaMA: ``attn``, ``mlp``): ``{kind}_kept`` (per-layer kept counts),
-    ``{kind}_total`` (per-layer group counts), ``{kind}_kept_fraction`` (over all layers).
+    Keys per group kind (LLaMA: ``attn``, ``mlp``): ``{kind}_kept`` (kept counts of the layers
+    holding the kind, in layer order), ``{kind}_total`` (their group counts),
+    ``{kind}_kept_fraction`` (over all those layers).
     """
-    m = _layer_vectors(masks, "masks")
+    _, m = _layer_vectors(masks, "masks")
     out: dict[str, Any] = {}
-    for kind in m:
-        kept = [int(np.count_nonzero(v)) for v in m[kind]]
-        total = [int(v.shape[0]) for v in m[kind]]
+    for kind, vectors in m.items():
+        kept = [int(np.count_nonzero(vectors[i])) for i in sorted(vectors)]
+        total = [int(vectors[i].shape[0]) for i in sorted(vectors)]
         out[f"{kind}_kept"] = kept
         out[f"{kind}_total"] = total
         out[f"{kind}_kept_fraction"] = float(sum(kept) / sum(total)) if sum(total) else 1.0
     return out
 
 
-def masked_widths(
-    config: LlamaConfig, masks: Any
-) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
-    """Per-layer ``(heads, kv_heads, ffn)`` the masks leave (an attention unit is one KV group)."""
-    stats = mask_stats(masks)
-    if len(stats["attn_kept"]) != config.num_layers:
-        raise ValueError(f"masks have {len(stats['attn_kept'])} layers, config {config.num_layers}")
-    heads, kv_heads = [], []
-    for i, units in enumerate(stats["attn_kept"]):
-        per_unit = config.heads(i) // config.kv_heads(i) if config.kv_heads(i) else 0
-        heads.append(units * per_unit)
-        kv_heads.append(units)
-    return tuple(heads), tuple(kv_heads), tuple(stats["mlp_kept"])
-
-
-def masked_num_params(config: LlamaConfig, masks: Any) -> int:
-    """Parameter count of the dense model left after slicing away the masked groups."""
-    return config.with_widths(*masked_widths(config, masks)).num_params()
-
-
-__all__: Sequence[str] = (
-    "excluded_layers",
-    "kinds_of",
-    "mask_stats",
-    "masked_num_params",
-    "masked_widths",
-    "num_to_prune",
-    "update_masks",
-)
+__all__: Sequence[str] = ("ALLOCATIONS", "kinds_of", "mask_stats", "num_to_prune", "update_masks")
