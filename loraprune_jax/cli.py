@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 def _load(model: str, dtype: str | None) -> tuple[Any, Any, Any, float]:
     from .io import load_model
-    from .train.loop import default_dtype
+    from .config import default_dtype
 
     start = time.perf_counter()
     config, base, tokenizer = load_model(model, dtype=dtype or default_dtype())
@@ -62,7 +62,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 name: {str(L): {"ppl": r.ppl, "tokens": r.tokens} for L, r in per_len.items()}
                 for name, per_len in results.items()
             }
-        from .train.loop import write_json
+        from .io.jsonfile import write_json
 
         out = Path(args.json)
         out.parent.mkdir(parents=True, exist_ok=True)

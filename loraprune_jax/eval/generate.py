@@ -48,7 +48,7 @@ def load_for_generation(spec: str | os.PathLike[str], dtype: str | None = None
     """``load_model`` with layers stacked when widths are uniform (the decode loop then scans
     over layers: one compiled layer instead of ``L`` unrolled ones)."""
     from ..io import load_model
-    from ..train.loop import default_dtype
+    from ..config import default_dtype
 
     config, base, tokenizer = load_model(spec, dtype=dtype or default_dtype())
     if config.is_uniform:

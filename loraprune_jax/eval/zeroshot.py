@@ -647,7 +647,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 def cmd_zeroshot(args: argparse.Namespace) -> int:
     """Zero-shot accuracy of a model on the chosen tasks; one line per task, optional JSON."""
     from ..io import load_model
-    from ..train.loop import default_dtype, write_json
+    from ..config import default_dtype
+    from ..io.jsonfile import write_json
 
     tasks = list(TASK_NAMES) if "all" in args.tasks else list(dict.fromkeys(args.tasks))
     limit = getattr(args, "limit", None)

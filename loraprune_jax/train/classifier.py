@@ -31,7 +31,8 @@ from ..pruning.groups import declared_masks
 from ..pruning.importance import ema_update
 from ..pruning.masks import excluded_layers, mask_stats, update_masks
 from ..pruning.slicing import count_params, slice_declared
-from .loop import METRICS_FILE, RUN_CONFIG_FILE, make_schedule, write_json
+from ..io.jsonfile import write_json
+from .loop import METRICS_FILE, RUN_CONFIG_FILE, make_schedule
 from .step import clip_by_global_norm, make_optimizer
 
 Array = jax.Array

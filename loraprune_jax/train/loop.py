@@ -25,11 +25,12 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..config import PROJECTIONS, RunConfig
+from ..config import PROJECTIONS, RunConfig, default_dtype
 from ..data import load_texts
 from ..data.packing import PackedDataset, tokenize_join, windows
 from ..eval.perplexity import perplexity
 from ..io import export_hf, load_model, save_adapters
+from ..io.jsonfile import write_json
 from ..models.llama import unstack_layers
 from ..models.lora import init_lora, merge_lora
 from ..parallel import distributed
@@ -71,18 +72,6 @@ from .step import init_state, make_train_step
 
 RUN_CONFIG_FILE = "run_config.json"
 METRICS_FILE = "metrics.json"
-
-
-def default_dtype() -> str:
-    """float32 on CPU (bfloat16 matmuls are slower there under XLA), bfloat16 on GPU/TPU."""
-    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
-
-
-def write_json(path: Path, payload: Any) -> None:
-    """Write JSON atomically (temp file renamed into place)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
 
 
 def make_schedule(cfg: RunConfig) -> PruneSchedule | OneShotSchedule:
