@@ -42,7 +42,7 @@ import numpy as np
 
 from loraprune_jax.config import PROJECTIONS, LoraConfig, PruneConfig, TrainConfig
 from loraprune_jax.data import load_texts
-from loraprune_jax.data.packing import PackedDataset, tokenize_join
+from loraprune_jax.data.packing import PackedDataset, spread_windows, tokenize_join
 from loraprune_jax.io import load_model
 from loraprune_jax.models.llama import loss, stack_layers
 from loraprune_jax.models.lora import init_lora
@@ -50,7 +50,6 @@ from loraprune_jax.pruning.gates import init_gates
 from loraprune_jax.pruning.groups import init_masks, normalize
 from loraprune_jax.pruning.importance import lora_guided_importance, module_axis
 from loraprune_jax.pruning.masks import excluded_layers, num_to_prune
-from loraprune_jax.train.loop import spread_windows
 from loraprune_jax.train.step import init_state, make_train_step
 
 ATTN, MLP = ("q", "k", "v", "o"), ("gate", "up", "down")
