@@ -42,17 +42,17 @@ import numpy as np
 
 from loraprune_jax.config import PROJECTIONS, LoraConfig, PruneConfig, TrainConfig
 from loraprune_jax.data import load_texts
-from loraprune_jax.data.packing import PackedDataset, tokenize_join
+from loraprune_jax.data.packing import PackedDataset, spread_windows, tokenize_join
 from loraprune_jax.io import load_model
-from loraprune_jax.models.llama import loss, stack_layers
+from loraprune_jax.models.llama import loss
+from loraprune_jax.models.llama_params import stack_layers
 from loraprune_jax.models.lora import init_lora
 from loraprune_jax.core.gates import init_gates
 from loraprune_jax.core.groups import normalize
-from loraprune_jax.models.llama_pruning import init_masks
 from loraprune_jax.core.importance import lora_guided_importance
 from loraprune_jax.core.masks import num_to_prune
 from loraprune_jax.core.trees import excluded_layers
-from loraprune_jax.train.loop import spread_windows
+from loraprune_jax.models.llama_pruning import init_masks
 from loraprune_jax.train.step import init_state, make_train_step
 
 ATTN, MLP = ("q", "k", "v", "o"), ("gate", "up", "down")

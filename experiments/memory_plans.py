@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     import jax.numpy as jnp
 
     from loraprune_jax.config import LlamaConfig, LoraConfig, PruneConfig, TrainConfig
-    from loraprune_jax.models.llama import layer_shapes
+    from loraprune_jax.models.llama_params import layer_shapes
     from loraprune_jax.models.lora import init_lora
     from loraprune_jax.parallel import mesh as pm
     from loraprune_jax.models.llama_pruning import init_masks

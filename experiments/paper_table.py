@@ -29,15 +29,14 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from prune_table import ensure_runs  # noqa: E402
 
-from loraprune_jax.cli import build_run_config  # noqa: E402
-from loraprune_jax.config import CRITERIA  # noqa: E402
+from loraprune_jax.cli.prune import build_run_config  # noqa: E402
+from loraprune_jax.config import CRITERIA, default_dtype  # noqa: E402
 from loraprune_jax.data import load_texts  # noqa: E402
-from loraprune_jax.data.packing import tokenize_join  # noqa: E402
+from loraprune_jax.data.packing import spread_windows, tokenize_join  # noqa: E402
 from loraprune_jax.eval.perplexity import perplexity  # noqa: E402
 from loraprune_jax.eval.zeroshot import run_zeroshot  # noqa: E402
 from loraprune_jax.io import load_adapters, load_model  # noqa: E402
 from loraprune_jax.models.llama_pruning import slice_and_merge  # noqa: E402
-from loraprune_jax.train.loop import default_dtype, spread_windows  # noqa: E402
 
 
 def score(base, config, tokenizer, args, ppl_ids, tasks: bool = True) -> dict[str, float]:

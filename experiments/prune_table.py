@@ -15,9 +15,10 @@ import json
 import sys
 from pathlib import Path
 
-from loraprune_jax.cli import build_run_config
+from loraprune_jax.cli.prune import build_run_config
 from loraprune_jax.config import CRITERIA, RunConfig
-from loraprune_jax.train.loop import METRICS_FILE, RUN_CONFIG_FILE, run_prune
+from loraprune_jax.run import METRICS_FILE, RUN_CONFIG_FILE
+from loraprune_jax.run.prune import run_prune
 
 
 def ensure_runs(

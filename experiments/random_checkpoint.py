@@ -17,7 +17,7 @@ from transformers import PreTrainedTokenizerFast
 
 from loraprune_jax.config import LlamaConfig
 from loraprune_jax.io import save_hf_dir
-from loraprune_jax.models.llama import init_base
+from loraprune_jax.models.llama_params import init_base
 
 SHAPES = {
     "smollm2-135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536,

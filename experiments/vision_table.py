@@ -18,9 +18,10 @@ import json
 import sys
 from pathlib import Path
 
-from loraprune_jax.cli import parse_overrides
-from loraprune_jax.train.classifier import ClassifierConfig, run_classifier
-from loraprune_jax.train.loop import METRICS_FILE
+from loraprune_jax.cli.prune import parse_overrides
+from loraprune_jax.config import ClassifierConfig
+from loraprune_jax.run import METRICS_FILE
+from loraprune_jax.run.classifier import run_classifier
 
 
 def ensure(model: str, criterion: str, ratio: float, root: Path, overrides: list[str]) -> dict:

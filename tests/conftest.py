@@ -91,7 +91,7 @@ def tiny_run_inputs(tmp_path_factory):
     """A tiny GQA checkpoint directory with a byte tokenizer, and real English texts for it."""
     from loraprune_jax.data import lee_text
     from loraprune_jax.io import save_hf_dir
-    from loraprune_jax.models.llama import init_base
+    from loraprune_jax.models.llama_params import init_base
 
     root = tmp_path_factory.mktemp("tiny_run")
     cfg = tiny_config("gqa", vocab_size=256, num_layers=4, intermediate_size=32)

@@ -8,10 +8,11 @@ import jax
 import numpy as np
 import pytest
 
-from loraprune_jax.config import PruneConfig, TrainConfig
+from loraprune_jax.config import ClassifierConfig, PruneConfig, TrainConfig
 from loraprune_jax.models import vit
 from loraprune_jax.core.masks import num_to_prune
-from loraprune_jax.train.classifier import ClassifierConfig, cnn_family, run_classifier, vit_family
+from loraprune_jax.run.classifier import run_classifier
+from loraprune_jax.train.classifier import cnn_family, vit_family
 
 
 def tiny_vit():

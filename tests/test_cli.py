@@ -11,7 +11,7 @@ from loraprune_jax.cli import main
 from loraprune_jax.data.packing import tokenize_join
 from loraprune_jax.eval.perplexity import perplexity
 from loraprune_jax.io import load_hf_dir, save_hf_dir
-from loraprune_jax.models.llama import init_base
+from loraprune_jax.models.llama_params import init_base
 
 TEXT = "The quick brown fox jumps over the lazy dog. " * 20
 
@@ -60,6 +60,27 @@ def test_bad_inputs_exit_with_a_message(tmp_path, capsys):
         main(["eval", "--model", "x", "--seq-len", "0"])
 
 
+def test_eval_reads_any_utf8_file_and_refuses_a_binary_one(model_dir, tmp_path, capsys):
+    from loraprune_jax.data.corpora import WIKI_FILE, gensim_test_data_dir
+
+    cor = f"{gensim_test_data_dir()}/miIslita.cor"  # gensim's corpus format: plain text, 169 bytes
+    out = tmp_path / "ppl.json"
+    assert main(["eval", "--model", str(model_dir), "--text", cor, "--seq-len", "16",
+                 "--json", str(out), "--no-progress"]) == 0
+    got = json.loads(out.read_text())
+    assert got["tokens"] == (169 // 16) * 16  # one token per byte, the remainder dropped
+    cfg, base, tok = load_hf_dir(model_dir)
+    with open(cor, encoding="utf-8") as f:
+        ids = tokenize_join([f.read()], tok)
+    assert got["ppl"] == pytest.approx(perplexity(base, cfg, ids, 16, progress=False).ppl, rel=1e-6)
+    capsys.readouterr()
+    binary = f"{gensim_test_data_dir()}/{WIKI_FILE}"
+    assert main(["eval", "--model", str(model_dir), "--text", binary, "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and err[-1].startswith(f"error: {binary}: not valid UTF-8 (")
+    assert err[0].startswith("model ")  # the model loads first and says so
+
+
 @pytest.mark.slow
 def test_demo_prunes_the_bundled_model(smollm2, tmp_path, capsys):
     out = tmp_path / "run"
@@ -82,7 +103,7 @@ def test_demo_prunes_the_bundled_model(smollm2, tmp_path, capsys):
 
 
 def test_run_config_from_yaml_then_overrides(tmp_path):
-    from loraprune_jax.cli import build_run_config
+    from loraprune_jax.cli.prune import build_run_config
 
     path = tmp_path / "run.yaml"
     path.write_text("prune:\n  ratio: 0.2\n  criterion: wanda\ntrain.steps: 7\nlora: {rank: 4, targets: [q, v]}\n")
@@ -98,7 +119,7 @@ def test_run_config_from_yaml_then_overrides(tmp_path):
 
 
 def test_nm_patterns_stay_strings_on_the_command_line_and_in_yaml(tmp_path):
-    from loraprune_jax.cli import build_run_config, parse_overrides
+    from loraprune_jax.cli.prune import build_run_config, parse_overrides
 
     # YAML 1.1 reads 2:4 as the base-60 integer 124; the CLI keeps it text
     assert parse_overrides(["prune.nm=2:4", "a=10", "b=0.5", "c=[q, v]"]) == {
@@ -117,7 +138,7 @@ def test_nm_patterns_stay_strings_on_the_command_line_and_in_yaml(tmp_path):
 def test_prune_dispatches_image_classifiers(tmp_path, capsys):
     """``model=vit-s`` / ``model=cifar10-cnn`` build a ClassifierConfig (defaults kept under
     overrides); a classifier run refuses --resume and classifier-incompatible keys."""
-    from loraprune_jax.cli import build_run_config
+    from loraprune_jax.cli.prune import build_run_config
     from loraprune_jax.config import ClassifierConfig
 
     cfg = build_run_config(None, ["model=vit-s", "prune.ratio=0.2", "train.steps=7"])

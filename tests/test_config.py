@@ -6,8 +6,8 @@ import jax
 import pytest
 
 from conftest import tiny_config
-from loraprune_jax.config import LlamaConfig, PruneConfig, RunConfig
-from loraprune_jax.models.llama import init_base
+from loraprune_jax.config import LlamaConfig, PruneConfig, RunConfig, default_dtype
+from loraprune_jax.models.llama_params import init_base
 
 
 def test_hf_round_trip_uniform_and_ragged():
@@ -109,3 +109,9 @@ def test_moving_average_defaults_per_criterion():
             RunConfig().override({"prune.ema_beta": bad})
     again = RunConfig.from_dict(RunConfig().override({"prune.criterion": "fisher"}).to_dict())
     assert again.prune.ema_beta is None and again.prune.beta == 0.99
+
+
+def test_default_dtype_follows_the_backend():
+    expected = "float32" if jax.default_backend() == "cpu" else "bfloat16"
+    assert default_dtype() == expected
+    assert RunConfig().dtype is None  # a run without dtype= takes default_dtype() when it loads

@@ -137,12 +137,41 @@ def test_load_texts_dispatch(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such text source"):
         load_texts(str(tmp_path / "absent_thing"))
     (tmp_path / "z.csv").write_text("a,b", encoding="utf-8")
-    with pytest.raises(ValueError, match="unsupported"):
-        load_texts(tmp_path / "z.csv")
+    assert load_texts(tmp_path / "z.csv") == ["a,b"]  # any UTF-8 file is one plain-text document
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(FileNotFoundError, match="no .txt files"):
         load_texts(empty)
+
+
+def test_any_utf8_file_is_text_whatever_its_name(tmp_path):
+    cor = os.path.join(corpora.gensim_test_data_dir(), "miIslita.cor")  # gensim's corpus format
+    with open(cor, "rb") as f:
+        raw = f.read()
+    (doc,) = load_texts(cor)
+    assert doc == raw.decode("utf-8") and len(doc) == 169
+    assert doc.splitlines()[0] == "LSI tutorials and fast tracks"
+    licence = tmp_path / "LICENSE"  # no suffix at all
+    licence.write_text("Copyright (c) 2024 Zoë\nPermission is hereby granted.\n", encoding="utf-8")
+    assert load_texts(str(licence)) == ["Copyright (c) 2024 Zoë\nPermission is hereby granted.\n"]
+    d = tmp_path / "docs"  # a directory still takes only its *.txt files
+    d.mkdir()
+    (d / "a.txt").write_text("kept", encoding="utf-8")
+    (d / "LICENSE").write_text("skipped", encoding="utf-8")
+    assert load_texts(d) == ["kept"]
+
+
+def test_a_binary_file_is_one_clear_error_naming_it(tmp_path):
+    bz2_dump = os.path.join(corpora.gensim_test_data_dir(), corpora.WIKI_FILE)  # real binary data
+    with pytest.raises(ValueError, match=re.escape(corpora.WIKI_FILE) + r": not valid UTF-8 \("):
+        load_texts(bz2_dump)
+    nul = tmp_path / "weights.bin"  # valid UTF-8 bytes, but with NULs: not text either
+    nul.write_bytes(b"GGUF\x03\x00\x00\x00abc")
+    with pytest.raises(ValueError, match=r"weights\.bin: not a text file \(a NUL character at "
+                                         r"character 5\)"):
+        load_texts(nul)
+    with pytest.raises(ValueError, match="not a regular file"):
+        load_texts("/dev/null")
 
 
 def test_load_texts_shards_split_the_documents(tmp_path):

@@ -138,7 +138,7 @@ def test_declared_scores_equal_llama_layer_scores():
     """The whole-tree declaration and the step's per-layer path give the same scores."""
     from conftest import randomize_b, tiny_config
     from loraprune_jax.config import LoraConfig
-    from loraprune_jax.models.llama import init_base
+    from loraprune_jax.models.llama_params import init_base
     from loraprune_jax.models.llama_pruning import layer_scores, llama_declaration
     from loraprune_jax.models.lora import init_lora
 

@@ -18,7 +18,8 @@ from loraprune_jax.models.decode import (
     pad_prompts,
     prefill,
 )
-from loraprune_jax.models.llama import forward, init_base, stack_layers
+from loraprune_jax.models.llama import forward
+from loraprune_jax.models.llama_params import init_base, stack_layers
 from loraprune_jax.models.lora import init_lora
 from loraprune_jax.models.llama_pruning import slice_and_merge
 

@@ -17,7 +17,7 @@ import pytest
 
 from loraprune_jax.io import load_adapters
 from loraprune_jax.parallel import distributed
-from loraprune_jax.train.loop import run_prune
+from loraprune_jax.run.prune import run_prune
 from test_loop import config_for
 
 pytestmark = pytest.mark.slow

@@ -22,7 +22,8 @@ from loraprune_jax.io.export import (
     save_adapters,
 )
 from loraprune_jax.io.hf import load_hf_dir
-from loraprune_jax.models.llama import forward, init_base, stack_layers
+from loraprune_jax.models.llama import forward
+from loraprune_jax.models.llama_params import init_base, stack_layers
 from loraprune_jax.models.lora import init_lora
 from loraprune_jax.models.llama_pruning import init_masks
 from loraprune_jax.models.llama_pruning import slice_and_merge

@@ -12,7 +12,8 @@ import pytest
 
 from conftest import randomize_b, tiny_config
 from loraprune_jax.config import LoraConfig, PruneConfig, TrainConfig
-from loraprune_jax.models.llama import gate_groups, init_base, loss, stack_layers
+from loraprune_jax.models.llama import gate_groups, loss
+from loraprune_jax.models.llama_params import init_base, stack_layers
 from loraprune_jax.core.lora import merge_pair
 from loraprune_jax.models.lora import init_lora
 from loraprune_jax.core.criteria import gate_statistic, ranking_scores

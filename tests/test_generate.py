@@ -8,14 +8,10 @@ import dataclasses
 import pytest
 
 from conftest import byte_tokenizer, noisy_norms, tiny_config
-from loraprune_jax.eval.generate import (
-    add_parser,
-    encode_prompts,
-    generate_text,
-    generate_with_stats,
-)
+from loraprune_jax.cli.generate import add_parser
+from loraprune_jax.eval.generate import encode_prompts, generate_text, generate_with_stats
 from loraprune_jax.models.decode import generate
-from loraprune_jax.models.llama import init_base
+from loraprune_jax.models.llama_params import init_base
 
 TEMPLATE = (
     "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"

@@ -11,16 +11,8 @@ import pytest
 
 from conftest import noisy_norms, randomize_b, tiny_config
 from loraprune_jax.config import LoraConfig
-from loraprune_jax.models.llama import (
-    Llama,
-    check_base,
-    forward,
-    init_base,
-    loss,
-    stack_layers,
-    token_nll,
-    unstack_layers,
-)
+from loraprune_jax.models.llama import forward, loss, token_nll
+from loraprune_jax.models.llama_params import Llama, check_base, init_base, stack_layers, unstack_layers
 from loraprune_jax.models.lora import init_lora
 from loraprune_jax.models.llama_pruning import init_masks
 
@@ -162,7 +154,7 @@ def _naive_mha(x, wq, wk, wv, wo, n_heads, hd, theta):
 
 
 def test_gqa_with_as_many_kv_heads_equals_mha():
-    from loraprune_jax.models.llama import apply_rope, causal_attention, rope_tables
+    from loraprune_jax.models.attention import apply_rope, causal_attention, rope_tables
 
     cfg = tiny_config("gqa", num_kv_heads=6)
     base = init_base(cfg, 1, std=0.2)
@@ -182,10 +174,10 @@ def test_gqa_with_as_many_kv_heads_equals_mha():
 def test_blocked_causal_attention_equals_one_score_matrix(t, max_blocks, monkeypatch):
     """Query blocks (64 rows, or t / max_blocks when longer) give the values and gradients of
     the one T x T softmax: one block, a one-row last block, several, and longer blocks."""
-    from loraprune_jax.models import llama
-    from loraprune_jax.models.llama import causal_attention
+    from loraprune_jax.models import attention
+    from loraprune_jax.models.attention import causal_attention
 
-    monkeypatch.setattr(llama, "MAX_QUERY_BLOCKS", max_blocks)
+    monkeypatch.setattr(attention, "MAX_QUERY_BLOCKS", max_blocks)
     rs = np.random.RandomState(t)
     q, k, v = (jnp.asarray(rs.randn(2, t, h, 8), jnp.float32) for h in (6, 2, 2))
 
@@ -353,7 +345,7 @@ def test_input_stats_are_sums_of_squares(tokens):
     logits, stats = forward(base, lora, None, tokens, cfg, LORA, return_stats=True)
     np.testing.assert_array_equal(np.asarray(logits), np.asarray(forward(base, lora, None, tokens, cfg, LORA)))
     # layer 0: recompute the inputs of q (normed embeddings) by hand
-    from loraprune_jax.models.llama import rms_norm
+    from loraprune_jax.models.attention import rms_norm
 
     x = base["embed"][tokens]
     h = rms_norm(x, base["layers"][0]["attn_norm"], cfg.rms_norm_eps)

@@ -18,7 +18,7 @@ from loraprune_jax.config import RunConfig
 from loraprune_jax.data.packing import tokenize_join, windows
 from loraprune_jax.eval.perplexity import perplexity
 from loraprune_jax.io import load_adapters, load_hf_dir
-from loraprune_jax.train.loop import run_prune
+from loraprune_jax.run.prune import run_prune
 
 
 def tiny_overrides(root: Path, out: Path, **extra) -> list[str]:
@@ -33,7 +33,7 @@ def tiny_overrides(root: Path, out: Path, **extra) -> list[str]:
 
 
 def config_for(root: Path, out: Path, **extra) -> RunConfig:
-    from loraprune_jax.cli import build_run_config
+    from loraprune_jax.cli.prune import build_run_config
 
     return build_run_config(None, tiny_overrides(root, out, **extra))
 

@@ -11,7 +11,8 @@ import pytest
 
 from conftest import tiny_config
 from loraprune_jax.config import LoraConfig
-from loraprune_jax.models.llama import forward, init_base, stack_layers
+from loraprune_jax.models.llama import forward
+from loraprune_jax.models.llama_params import init_base, stack_layers
 from loraprune_jax.core.lora import lora_linear
 from loraprune_jax.models.lora import count_lora_params, init_lora, merge_lora
 

@@ -15,7 +15,8 @@ from jax.sharding import PartitionSpec as P
 from conftest import randomize_b, tiny_config
 from loraprune_jax.config import LoraConfig, PruneConfig, TrainConfig
 from loraprune_jax.eval.perplexity import perplexity
-from loraprune_jax.models.llama import init_base, loss, stack_layers
+from loraprune_jax.models.llama import loss
+from loraprune_jax.models.llama_params import init_base, stack_layers
 from loraprune_jax.models.lora import init_lora
 from loraprune_jax.parallel import mesh as pm
 from loraprune_jax.core.criteria import ranking_scores

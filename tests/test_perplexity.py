@@ -13,7 +13,8 @@ from loraprune_jax.config import LoraConfig
 from loraprune_jax.data import lee_text
 from loraprune_jax.data.packing import tokenize_join
 from loraprune_jax.eval.perplexity import perplexity
-from loraprune_jax.models.llama import init_base, token_nll
+from loraprune_jax.models.llama import token_nll
+from loraprune_jax.models.llama_params import init_base
 from loraprune_jax.models.lora import init_lora
 from loraprune_jax.models.llama_pruning import init_masks
 

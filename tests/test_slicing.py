@@ -9,7 +9,8 @@ import pytest
 
 from conftest import noisy_norms, randomize_b, tiny_config
 from loraprune_jax.config import LoraConfig
-from loraprune_jax.models.llama import check_base, forward, init_base, stack_layers
+from loraprune_jax.models.llama import forward
+from loraprune_jax.models.llama_params import check_base, init_base, stack_layers
 from loraprune_jax.models.lora import init_lora
 from loraprune_jax.core.groups import Coupling, GroupKind
 from loraprune_jax.core.lora import merge_pairs

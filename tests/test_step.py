@@ -10,7 +10,8 @@ import pytest
 
 from conftest import tiny_config
 from loraprune_jax.config import LoraConfig, PruneConfig, TrainConfig
-from loraprune_jax.models.llama import init_base, loss, stack_layers
+from loraprune_jax.models.llama import loss
+from loraprune_jax.models.llama_params import init_base, stack_layers
 from loraprune_jax.models.lora import init_lora
 from loraprune_jax.models.llama_pruning import layer_scores
 from loraprune_jax.models.llama_pruning import init_masks

@@ -277,7 +277,7 @@ def tfds_dir(tmp_path_factory):
 
 
 def _requests(task, docs):
-    from loraprune_jax.eval.zeroshot import doc_to_requests
+    from loraprune_jax.eval.zeroshot_tasks import doc_to_requests
 
     return [doc_to_requests(task, d) for d in docs]
 

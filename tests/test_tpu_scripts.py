@@ -265,7 +265,7 @@ def test_setup_runs_what_it_prints_and_ships_the_checkout(tools, fake_gcloud, tm
     assert not Path(commands[0][4]).exists()  # the local tarball is removed afterwards
     with tarfile.open(tmp_path / "calls" / "000.scp") as tar:
         names = set(tar.getnames())
-    for needed in ("./pyproject.toml", "./loraprune_jax/cli.py", "./tpu/launch.sh",
+    for needed in ("./pyproject.toml", "./loraprune_jax/cli/__init__.py", "./tpu/launch.sh",
                    "./tests/test_tpu_scripts.py"):
         assert needed in names
     for left_out in (".git", ".venv", "runs", "__pycache__"):

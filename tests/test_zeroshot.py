@@ -13,26 +13,26 @@ import pytest
 
 from conftest import byte_tokenizer, tiny_config
 from loraprune_jax.data.tasks import TASK_NAMES, load_task_docs
-from loraprune_jax.eval.zeroshot import (
-    TASKS,
-    add_parser,
+from loraprune_jax.cli.zeroshot import add_parser, cmd_zeroshot
+from loraprune_jax.eval.loglikelihood import (
     bucket_length,
-    choice_metrics,
-    cmd_zeroshot,
     continuation_scores,
-    doc_to_requests,
     encode_pair,
     encode_requests,
-    evaluate_task,
-    hellaswag_preprocess,
     loglikelihoods,
-    mean_stderr,
-    prepare_base,
-    run_zeroshot,
     score_tokens,
     split_trailing_space,
 )
-from loraprune_jax.models.llama import forward, init_base, token_nll
+from loraprune_jax.eval.zeroshot import evaluate_task, prepare_base, run_zeroshot
+from loraprune_jax.eval.zeroshot_tasks import (
+    TASKS,
+    choice_metrics,
+    doc_to_requests,
+    hellaswag_preprocess,
+    mean_stderr,
+)
+from loraprune_jax.models.llama import forward, token_nll
+from loraprune_jax.models.llama_params import init_base
 from loraprune_jax.models.llama_pruning import init_masks
 
 DATA = Path(__file__).parent / "data" / "zeroshot"

@@ -23,7 +23,7 @@ import numpy as np
 from loraprune_jax.config import CRITERIA, LoraConfig, PruneConfig, TrainConfig
 from loraprune_jax.eval.perplexity import window_nll
 from loraprune_jax.io import load_model
-from loraprune_jax.models.llama import stack_layers
+from loraprune_jax.models.llama_params import stack_layers
 from loraprune_jax.models.lora import init_lora
 from loraprune_jax.models.llama_pruning import init_masks
 from loraprune_jax.train.step import init_state, make_train_step

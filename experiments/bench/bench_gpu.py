@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from loraprune_jax.config import LlamaConfig, LoraConfig, PruneConfig, TrainConfig
-from loraprune_jax.models.llama import layer_shapes
+from loraprune_jax.models.llama_params import layer_shapes
 from loraprune_jax.models.lora import init_lora
 from loraprune_jax.parallel.mesh import (
     base_layout,

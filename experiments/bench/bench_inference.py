@@ -29,7 +29,7 @@ from flops import forward_flops, lora_flops  # noqa: E402
 from loraprune_jax.config import LoraConfig  # noqa: E402
 from loraprune_jax.eval.perplexity import window_nll  # noqa: E402
 from loraprune_jax.io import load_model  # noqa: E402
-from loraprune_jax.models.llama import stack_layers  # noqa: E402
+from loraprune_jax.models.llama_params import stack_layers  # noqa: E402
 from loraprune_jax.models.lora import init_lora  # noqa: E402
 from loraprune_jax.models.llama_pruning import init_masks  # noqa: E402
 from loraprune_jax.core.masks import update_masks  # noqa: E402

@@ -39,7 +39,7 @@ import numpy as np
 
 from loraprune_jax.config import EMA_BETA, LoraConfig, PruneConfig, TrainConfig
 from loraprune_jax.io import export_hf, load_model
-from loraprune_jax.models.llama import stack_layers
+from loraprune_jax.models.llama_params import stack_layers
 from loraprune_jax.models.lora import init_lora
 from loraprune_jax.models.llama_pruning import init_masks
 from loraprune_jax.train.hostmem import keep_freed_memory

@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from loraprune_jax.config import LoraConfig, PruneConfig, TrainConfig
     from loraprune_jax.io import load_model
-    from loraprune_jax.models.llama import stack_layers
+    from loraprune_jax.models.llama_params import stack_layers
     from loraprune_jax.models.lora import init_lora
     from loraprune_jax.parallel import mesh as pm
     from loraprune_jax.models.llama_pruning import init_masks

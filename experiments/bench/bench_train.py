@@ -29,7 +29,8 @@ from flops import forward_flops, lora_flops, matmul_peak  # noqa: E402
 
 from loraprune_jax.config import LoraConfig, PruneConfig, TrainConfig  # noqa: E402
 from loraprune_jax.io import load_model  # noqa: E402
-from loraprune_jax.models.llama import loss, stack_layers  # noqa: E402
+from loraprune_jax.models.llama import loss  # noqa: E402
+from loraprune_jax.models.llama_params import stack_layers  # noqa: E402
 from loraprune_jax.models.lora import init_lora  # noqa: E402
 from loraprune_jax.models.llama_pruning import init_masks  # noqa: E402
 from loraprune_jax.train.step import init_state, make_train_step  # noqa: E402

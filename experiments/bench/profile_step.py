@@ -41,7 +41,9 @@ from flops import forward_flops, lora_flops, matmul_peak  # noqa: E402
 
 from loraprune_jax.config import LoraConfig, PruneConfig, TrainConfig  # noqa: E402
 from loraprune_jax.io import load_model  # noqa: E402
-from loraprune_jax.models.llama import causal_attention, logits_from_hidden, loss, stack_layers  # noqa: E402
+from loraprune_jax.models.attention import causal_attention  # noqa: E402
+from loraprune_jax.models.llama import logits_from_hidden, loss  # noqa: E402
+from loraprune_jax.models.llama_params import stack_layers  # noqa: E402
 from loraprune_jax.models.lora import init_lora  # noqa: E402
 from loraprune_jax.models.llama_pruning import layer_scores  # noqa: E402
 from loraprune_jax.models.llama_pruning import init_masks  # noqa: E402

@@ -21,6 +21,7 @@ from loraprune_jax.data.packing import (
     PackedDataset,
     encode_fn,
     pack_documents,
+    spread_windows,
     tokenize_join,
     windows,
 )
@@ -42,6 +43,7 @@ __all__ = [
     "load_texts",
     "pack_documents",
     "parse_tfds_spec",
+    "spread_windows",
     "text_dir",
     "text_file",
     "wikitext_rows",

@@ -131,17 +131,26 @@ def default_train_texts() -> list[str]:
 
 
 def text_file(path: str | os.PathLike) -> str:
-    """A UTF-8 text file read whole (universal newlines, like ``open(...).read()``)."""
+    """A UTF-8 text file of any name read whole (universal newlines, like ``open(...).read()``).
+
+    A file that is not UTF-8 text (invalid UTF-8, or a NUL character, which no text file has
+    and most binary formats do) is a ``ValueError`` that names the file."""
     path = os.fspath(path)
     try:
         with open(path, encoding="utf-8") as f:
-            return f.read()
+            text = f.read()
     except FileNotFoundError:
         raise FileNotFoundError(f"text file not found: {path}") from None
     except IsADirectoryError:
         raise IsADirectoryError(f"expected a text file but got a directory: {path}") from None
     except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+        raise ValueError(f"{path}: not valid UTF-8 ({e.reason} at byte {e.start}); "
+                         "expected a UTF-8 text file") from None
+    nul = text.find("\0")
+    if nul >= 0:
+        raise ValueError(f"{path}: not a text file (a NUL character at character {nul}); "
+                         "expected a UTF-8 text file")
+    return text
 
 
 def jsonl_file(path: str | os.PathLike, field: str = "text") -> list[str]:
@@ -181,7 +190,10 @@ def jsonl_file(path: str | os.PathLike, field: str = "text") -> list[str]:
 
 
 def text_dir(path: str | os.PathLike) -> list[str]:
-    """Every ``*.txt`` file of a directory (not recursive), one document each, sorted by name."""
+    """Every ``*.txt`` file of a directory (not recursive), one document each, sorted by name.
+
+    Only ``*.txt``: a directory also holds READMEs, metadata and hidden files that are not meant
+    as documents (a single file is read as text whatever its name)."""
     files = sorted(p for p in Path(path).iterdir() if p.suffix == ".txt" and p.is_file())
     if not files:
         raise FileNotFoundError(f"no .txt files in directory: {os.fspath(path)}")
@@ -226,8 +238,9 @@ def load_texts(
 
     * ``"default"`` / ``"wiki"`` (optionally ``":train"`` / ``":heldout"``, else ``split``): the
       bundled Wikipedia articles; ``"lee"``: the Lee corpus as one document;
-    * a ``.txt`` / ``.raw`` file (one document), a ``.jsonl`` file (``field`` of every line), or a
-      directory of ``.txt`` files (sorted, one document each);
+    * a ``.jsonl`` file (``field`` of every line), any other UTF-8 text file whatever its name
+      (``.txt``, ``.raw``, gensim's ``.cor``, a licence file, ...: one document), or a directory
+      of ``.txt`` files (sorted, one document each);
     * ``"tfds:NAME[:SPLIT]"``: a prepared tensorflow-datasets dataset in array_record format, read
       lazily with random access (``data_dir``: its tfds data dir; ``SPLIT`` defaults to ``split``);
     * ``"wikitext:PATH"``: a raw WikiText file as its Hugging Face rows (:func:`wikitext_rows`).
@@ -268,14 +281,14 @@ def _load_all(
     path = Path(s)
     if path.is_dir():
         return text_dir(path)
-    suffix = path.suffix.lower()
-    if suffix in (".txt", ".raw"):
-        return [text_file(path)]
-    if suffix == ".jsonl":
-        return jsonl_file(path, field=field)
     if not path.exists():
         raise FileNotFoundError(
             f"no such text source: {s!r} (expected 'default', 'wiki[:SPLIT]', 'lee', "
-            "'tfds:NAME[:SPLIT]', a .txt/.raw/.jsonl file or a directory of .txt files)"
+            "'tfds:NAME[:SPLIT]', 'wikitext:PATH', a UTF-8 text or .jsonl file, or a directory "
+            "of .txt files)"
         )
-    raise ValueError(f"unsupported text file type {suffix!r}: {s} (use .txt, .raw or .jsonl)")
+    if not path.is_file():
+        raise ValueError(f"{s}: not a regular file; expected a UTF-8 text file")
+    if path.suffix.lower() == ".jsonl":
+        return jsonl_file(path, field=field)
+    return [text_file(path)]

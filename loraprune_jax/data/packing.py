@@ -3,7 +3,8 @@
 Two ways to turn text into fixed-length rows:
 
 * :func:`tokenize_join` + :func:`windows` -- the LLM-Pruner / LoRAPrune perplexity protocol: join
-  documents with ``"\\n\\n"``, tokenize once, cut non-overlapping windows, drop the remainder.
+  documents with ``"\\n\\n"``, tokenize once, cut non-overlapping windows, drop the remainder
+  (:func:`spread_windows`: at most N of them, evenly spaced).
 * :func:`pack_documents` -- training packing: tokenize each document, end each with EOS (if
   given), concatenate, cut full rows.
 
@@ -91,6 +92,17 @@ def windows(
             raise ValueError(f"max_windows must be positive, got {max_windows}")
         n = min(n, max_windows)
     return arr[: n * seq_len].reshape(n, seq_len)
+
+
+def spread_windows(ids: Sequence[int] | np.ndarray, seq_len: int,
+                   max_windows: int | None) -> np.ndarray:
+    """Non-overlapping windows; when capped, ``max_windows`` of them evenly spaced over the text
+    (the first ones alone can all fall in one untypical document, such as a list article)."""
+    all_windows = windows(ids, seq_len)
+    n = all_windows.shape[0]
+    if max_windows is None or max_windows >= n:
+        return all_windows
+    return all_windows[np.linspace(0, n - 1, max_windows).round().astype(int)]
 
 
 def pack_documents(

@@ -39,7 +39,7 @@ from loraprune_jax.config import LlamaConfig, LoraConfig
 from loraprune_jax.io.errors import CheckpointError
 from loraprune_jax.io.hf import CONFIG_FILE, SafetensorsFile, _replace_dir, save_hf_dir
 from loraprune_jax.io.remote_code import read_sources
-from loraprune_jax.models.llama import stack_layers, unstack_layers
+from loraprune_jax.models.llama_params import stack_layers, unstack_layers
 
 REMOTE_MODEL_TYPE = "pruned_llama"
 REMOTE_ARCHITECTURE = "PrunedLlamaForCausalLM"  # contains "Llama": LlamaConfig.from_hf_dict accepts it

@@ -31,7 +31,7 @@ from safetensors.numpy import save_file
 from loraprune_jax.config import LlamaConfig
 from loraprune_jax.io.errors import CheckpointError
 from loraprune_jax.io.tokenizer import load_hf_tokenizer
-from loraprune_jax.models.llama import check_base, param_shapes
+from loraprune_jax.models.llama_params import check_base, param_shapes
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"

@@ -2,16 +2,15 @@
 pruning declaration, the KV-cache decoder), and the ViT-S/14 and CIFAR-10 CNN, each declaring its
 prunable groups next to its shapes."""
 
-from .llama import (
+from .llama import forward, loss, token_nll
+
+from .llama_params import (
     Llama,
     check_base,
-    forward,
     init_base,
     layer_shapes,
-    loss,
     param_shapes,
     stack_layers,
-    token_nll,
     unstack_layers,
 )
 from .llama_pruning import (

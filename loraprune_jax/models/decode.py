@@ -23,8 +23,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..config import LlamaConfig, LoraConfig
-from .llama import attention_inputs, logits_from_hidden, mlp, rms_norm, rope_tables
 from ..core.lora import lora_linear
+from .attention import rms_norm, rope_tables
+from .llama import attention_inputs, logits_from_hidden, mlp
 
 Array = jax.Array
 _NEG = float(jnp.finfo(jnp.float32).min)
@@ -74,7 +75,7 @@ def _cached_attention(q: Array, k: Array, v: Array, ck: Array, cv: Array, cache_
     own ``k/v`` (B,T,K,hd); ``cache_ok`` (B,S) and ``new_ok`` (B,T,T) say which keys count.
 
     Scores are formed for both parts and normalised jointly, so the cache is read in place and
-    written once afterwards. GQA grouping and precision follow ``llama.causal_attention``.
+    written once afterwards. GQA grouping and precision follow ``attention.causal_attention``.
     """
     b, t, h, hd = q.shape
     kv = k.shape[2]

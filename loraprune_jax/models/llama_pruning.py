@@ -22,7 +22,7 @@ from ..core.lora import merge_pairs
 from ..core.masks import mask_stats
 from ..core.slicing import kept_groups, slice_params
 from ..core.trees import Path, unstack
-from .llama import check_base, layer_shapes
+from .llama_params import check_base, layer_shapes
 
 Array = jax.Array
 

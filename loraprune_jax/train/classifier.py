@@ -1,13 +1,13 @@
-"""LoRAPrune for image classifiers: the bundled ViT-S/14 with a linear head on MNIST digits
-(a VTAB-1k-style task) and the bundled CIFAR-10 CNN.
+"""The training side of LoRAPrune for image classifiers: the bundled ViT-S/14 with a linear head
+on MNIST digits (a VTAB-1k-style task) and the bundled CIFAR-10 CNN.
 
 The LLaMA loop's machinery, unchanged, driven by each family's group declaration
 (``core.groups``): in-step importance (``core.criteria.declared_scores``) with its moving average,
-the cubic schedule, the mask update between compiled phases, and slicing to a smaller dense
-model (``slicing.slice_declared``). What differs is only the model, the data and the loss:
-cross-entropy on labels for the ViT (LoRA on the backbone and the head trained together), and
-distillation from the dense model's own predictions for the CNN, whose offline data is only 20
-labelled CIFAR-10 images (so its figure of merit is the agreement with the dense model).
+the cubic schedule and the mask update between compiled phases. What differs is only the model,
+the data and the loss: cross-entropy on labels for the ViT (LoRA on the backbone and the head
+trained together), and distillation from the dense model's own predictions for the CNN, whose
+offline data is only 20 labelled CIFAR-10 images (so its figure of merit is the agreement with
+the dense model). The whole run (slicing, accuracy, files) is :mod:`loraprune_jax.run.classifier`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from __future__ import annotations
 import functools
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable
 
 import jax
@@ -23,15 +22,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ..config import VISION_MODELS, ClassifierConfig
+from ..config import ClassifierConfig
 from ..data import images as _images
 from ..core.criteria import declared_scores, gate_statistic, is_gate_criterion, ranking_scores
 from ..core.gates import init_gates
-from ..core.groups import declared_masks
-from ..core.masks import mask_stats, update_masks
-from ..core.slicing import slice_declared
-from ..core.trees import count_params, excluded_layers
-from .loop import METRICS_FILE, RUN_CONFIG_FILE, make_schedule, write_json
+from ..core.masks import update_masks
+from ..core.schedule import OneShotSchedule, PruneSchedule
 from .step import apply_update, clip_by_global_norm, make_optimizer
 
 Array = jax.Array
@@ -158,43 +154,28 @@ def predict(family: Family, params: Any, head: Any, images: np.ndarray, batch: i
     return np.concatenate(out)
 
 
-def run_classifier(cfg: ClassifierConfig, *, log: Callable[[str], None] = print,
-                   family: Family | None = None, data: dict[str, np.ndarray] | None = None
-                   ) -> dict[str, Any]:
-    """Train LoRA (and the head), prune progressively, slice, evaluate; write config, metrics and
-    masks under ``cfg.out`` (which must not exist). Returns the metrics. ``family`` and ``data``
-    (``train_x``, ``train_y``, ``test_x``, ``test_y``) replace the model's own (tests)."""
-    out = Path(cfg.out or f"runs/{cfg.model}-{cfg.prune.criterion}-{cfg.prune.ratio:g}-{int(time.time())}")
-    if out.exists():
-        raise FileExistsError(f"output directory {out} already exists; choose another out=")
-    family = family or FAMILIES[cfg.model]()
+def train_classifier(
+    step_fn: Callable,
+    state: dict[str, Any],
+    params: Any,
+    masks: Any,
+    data: dict[str, np.ndarray],
+    key: Array,
+    *,
+    cfg: ClassifierConfig,
+    schedule: PruneSchedule | OneShotSchedule,
+    excluded: tuple[int, ...],
+    distill: bool,
+    dense_logits: np.ndarray | None = None,
+    log: Callable[[str], None] = print,
+) -> tuple[dict[str, Any], Any, list[dict[str, Any]], float]:
+    """``cfg.train.steps`` steps of ``step_fn`` on shuffled micro-batches of ``data["train_x"]``
+    (when ``distill``: randomly flipped, with ``dense_logits`` as targets), the masks updated on
+    the schedule. Returns ``(state, masks, history, seconds)``."""
     t, p = cfg.train, cfg.prune
-    started = time.perf_counter()
-    params = jax.tree.map(jnp.asarray, family.load())
-    data = data or load_data(cfg.data or family.data, cfg.n_train, cfg.n_test, t.seed)
-    distill = (cfg.data or family.data) != "mnist"
-    declaration = family.declaration(params)
-    log(f"loaded {cfg.model}: {count_params(params) / 1e6:.2f}M parameters, "
-        f"{len(data['train_x'])} train / {len(data['test_x'])} test images, "
-        f"{sum(len(k) for k in declaration)} group kinds over {len(declaration)} layers")
-
-    key = jax.random.PRNGKey(t.seed)
-    lora = family.init_lora(key, params, cfg.lora_rank)
-    head = family.init_head(params, 10)
-    trainable = {"lora": lora, **({"head": head} if head is not None else {})}
-    masks = declared_masks(declaration)
-    state = {"trainable": trainable, "opt_state": make_optimizer(t).init(trainable),
-             "scores": jax.tree.map(jnp.zeros_like, masks), "step": jnp.zeros((), jnp.int32)}
-    schedule = make_schedule(cfg)
-    excluded = excluded_layers(len(declaration), p.exclude_first, p.exclude_last)
-    step_fn = make_classifier_step(family, cfg, declaration, distill)
-
-    dense_logits = predict(family, params, head, data["train_x"], cfg.eval_batch) if distill else None
     rng = np.random.default_rng(t.seed)
     order: list[int] = []
     history = []
-    out.mkdir(parents=True)
-    write_json(out / RUN_CONFIG_FILE, cfg.to_dict())
     train_start = time.perf_counter()
     for step in range(1, t.steps + 1):
         if len(order) < t.micro_batch_size:
@@ -217,40 +198,8 @@ def run_classifier(cfg: ClassifierConfig, *, log: Callable[[str], None] = print,
         if step % 10 == 0 or step == t.steps:
             log(f"step {step}/{t.steps} loss {record['loss']:.4f} acc {record['acc']:.3f} "
                 f"ratio {record['target_ratio']:.3f}")
-    train_seconds = time.perf_counter() - train_start
-
-    lora, head = state["trainable"]["lora"], state["trainable"].get("head")
-    small = slice_declared(params, lora, masks, declaration, cfg.lora_scale)
-    test_x, test_y = data["test_x"], data["test_y"]
-    logits = {
-        "dense": predict(family, params, None, test_x, cfg.eval_batch) if distill else None,
-        "masked": predict(family, params, head, test_x, cfg.eval_batch, lora, masks, cfg.lora_scale),
-        "sliced": predict(family, small, head, test_x, cfg.eval_batch),
-    }
-    stats = mask_stats(masks)
-    metrics = {
-        "model": cfg.model, "criterion": p.criterion, "ratio": p.ratio,
-        "test_images": int(len(test_x)),
-        "accuracy": float(np.mean(logits["sliced"].argmax(-1) == test_y)),
-        "masked_accuracy": float(np.mean(logits["masked"].argmax(-1) == test_y)),
-        "masked_vs_sliced_max_abs": float(np.max(np.abs(logits["masked"] - logits["sliced"]))),
-        "params": count_params(params), "params_after": count_params(small),
-        "groups_kept": {k: v for k, v in stats.items() if k.endswith("_kept")},
-        "train_seconds": train_seconds, "run_seconds": time.perf_counter() - started,
-        "history": history,
-    }
-    if distill:
-        metrics["agreement_with_dense"] = float(np.mean(
-            logits["sliced"].argmax(-1) == logits["dense"].argmax(-1)))
-        metrics["dense_accuracy"] = float(np.mean(logits["dense"].argmax(-1) == test_y))
-    write_json(out / METRICS_FILE, metrics)
-    np.savez(out / "masks.npz", **{f"{i}/{k}": np.asarray(v) for i, layer in enumerate(masks["layers"])
-                                   for k, v in layer.items()})
-    log(f"accuracy {metrics['accuracy']:.3f} (masked {metrics['masked_accuracy']:.3f}); "
-        f"parameters {metrics['params'] / 1e6:.2f}M -> {metrics['params_after'] / 1e6:.2f}M; "
-        f"wrote {out}")
-    return metrics
+    return state, masks, history, time.perf_counter() - train_start
 
 
-__all__ = ["ClassifierConfig", "FAMILIES", "Family", "VISION_MODELS", "cnn_family", "load_data",
-           "make_classifier_step", "predict", "run_classifier", "vit_family"]
+__all__ = ["FAMILIES", "Family", "cnn_family", "load_data", "make_classifier_step", "predict",
+           "train_classifier", "vit_family"]

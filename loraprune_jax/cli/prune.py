@@ -1,73 +1,14 @@
-"""The ``loraprune-jax`` command line: ``prune``, ``eval`` (perplexity), ``zeroshot``
-(lm-evaluation-harness tasks), ``generate`` (text, KV cache) and ``demo`` (the main job)."""
+"""``loraprune-jax prune`` and ``demo``: a run's config from defaults, a YAML file and
+``key=value`` arguments, the run (:mod:`loraprune_jax.run`), and a short summary of it."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
 from typing import Any, Sequence
-
-
-def _load(model: str, dtype: str | None) -> tuple[Any, Any, Any, float]:
-    from .io import load_model
-    from .train.loop import default_dtype
-
-    start = time.perf_counter()
-    config, base, tokenizer = load_model(model, dtype=dtype or default_dtype())
-    return config, base, tokenizer, time.perf_counter() - start
-
-
-def _eval_texts(args: argparse.Namespace) -> dict[str, str]:
-    from .data import default_heldout_texts, load_texts
-
-    if args.text is None:
-        return default_heldout_texts()
-    texts = load_texts(args.text, split="heldout")  # a bare "wiki" means its held-out articles
-    return {str(args.text): "\n\n".join(texts)}
-
-
-def cmd_eval(args: argparse.Namespace) -> int:
-    """Perplexity of a model on a text (or on the default held-out texts)."""
-    from .data.packing import tokenize_join
-    from .eval.perplexity import perplexity
-
-    config, base, tokenizer, load_s = _load(args.model, args.dtype)
-    if tokenizer is None:
-        raise SystemExit(f"error: {args.model} has no tokenizer files; cannot tokenize text")
-    print(f"model {args.model}: {config.num_params() / 1e6:.1f}M parameters, {config.dtype}, "
-          f"loaded in {load_s:.1f}s", file=sys.stderr)
-    results: dict[str, Any] = {}
-    for name, text in _eval_texts(args).items():
-        ids = tokenize_join([text], tokenizer)
-        for seq_len in args.seq_len:
-            res = perplexity(
-                base, config, ids, seq_len,
-                max_windows=args.max_windows, batch_size=args.batch_size,
-                progress=not args.no_progress, desc=f"{name} L={seq_len}",
-            )
-            print(f"{name}\tseq_len={seq_len}\tppl={res.ppl:.4f}\ttokens={res.tokens}\t"
-                  f"windows={res.windows}\t{res.tokens_per_second:.0f} tok/s")
-            results.setdefault(name, {})[seq_len] = res
-    if args.json:
-        single = len(results) == 1 and len(args.seq_len) == 1
-        if single:
-            res = next(iter(next(iter(results.values())).values()))
-            payload = {"ppl": res.ppl, "tokens": res.tokens}
-        else:
-            payload = {
-                name: {str(L): {"ppl": r.ppl, "tokens": r.tokens} for L, r in per_len.items()}
-                for name, per_len in results.items()
-            }
-        from .train.loop import write_json
-
-        out = Path(args.json)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        write_json(out, payload)
-    return 0
 
 
 def yaml_load(text: Any) -> Any:
@@ -114,7 +55,7 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def build_run_config(config_file: str | None, overrides: Sequence[str]) -> Any:
     """RunConfig from defaults, then a YAML file, then ``key=value`` overrides (a
     ClassifierConfig when ``model`` is one of the bundled image classifiers)."""
-    from .config import VISION_MODELS, ClassifierConfig, RunConfig
+    from ..config import VISION_MODELS, ClassifierConfig, RunConfig
 
     updates: dict[str, Any] = {}
     if config_file:
@@ -168,8 +109,8 @@ def print_summary(metrics: dict[str, Any], out: str) -> None:
 
 def cmd_prune(args: argparse.Namespace) -> int:
     """LoRAPrune end to end (``--resume DIR`` continues an interrupted run)."""
-    from .config import VISION_MODELS, ClassifierConfig, RunConfig
-    from .train.loop import run_prune
+    from ..config import VISION_MODELS, ClassifierConfig, RunConfig
+    from ..run.prune import run_prune
 
     if args.resume:
         if args.overrides or args.config:
@@ -182,14 +123,14 @@ def cmd_prune(args: argparse.Namespace) -> int:
     else:
         cfg = build_run_config(args.config, args.overrides)
     if isinstance(cfg, ClassifierConfig):
-        from .train.classifier import run_classifier
+        from ..run.classifier import run_classifier
 
         metrics = run_classifier(cfg, log=lambda m: print(m, file=sys.stderr))
         print(json.dumps({k: v for k, v in metrics.items() if k != "history"}, indent=2))
         return 0
     metrics = run_prune(cfg, resume=bool(args.resume), progress=not args.no_progress,
                         log=lambda m: print(m, file=sys.stderr))
-    from .parallel.distributed import is_primary
+    from ..parallel.distributed import is_primary
 
     if is_primary():
         print_summary(metrics, cfg.out)
@@ -202,28 +143,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return cmd_prune(args)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="loraprune-jax", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--max-windows", type=int, default=None, help="evaluate at most N windows")
-        p.add_argument("--batch-size", type=int, default=None, help="windows per compiled call")
-        p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
-                       help="parameter dtype (default: float32 on CPU, bfloat16 on GPU/TPU)")
-        p.add_argument("--json", default=None, help="also write the results as JSON to this file")
-        p.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-    ev = sub.add_parser("eval", help="perplexity (LLM-Pruner protocol: non-overlapping windows)")
-    ev.add_argument("--model", required=True, help="'smollm2', a HF LLaMA directory, or a .gguf file")
-    ev.add_argument("--text", default=None,
-                    help="a .txt/.raw/.jsonl file, a directory of .txt, 'wiki', 'lee' or "
-                         "'tfds:NAME[:SPLIT]' (default: the bundled held-out texts)")
-    ev.add_argument("--seq-len", type=int, nargs="+", default=[2048], help="window length(s)")
-    common(ev)
-    ev.set_defaults(func=cmd_eval)
-
-    pr = sub.add_parser("prune", help="LoRAPrune a model (key=value overrides, see RunConfig; "
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``prune`` on the ``loraprune-jax`` subparsers."""
+    pr = subparsers.add_parser("prune", help="LoRAPrune a model (key=value overrides, see RunConfig; "
                                       "model=vit-s or model=cifar10-cnn: see ClassifierConfig)")
     pr.add_argument("overrides", nargs="*", metavar="key=value",
                     help="e.g. prune.ratio=0.2 prune.criterion=vanilla train.steps=100 out=DIR")
@@ -235,47 +157,17 @@ def build_parser() -> argparse.ArgumentParser:
                          "jax.distributed.initialize() first (automatic when "
                          "JAX_COORDINATOR_ADDRESS is set)")
     pr.set_defaults(func=cmd_prune)
+    return pr
 
-    from .eval import generate, zeroshot
 
-    zeroshot.add_parser(sub)  # loraprune-jax zeroshot --model ... --tasks ...
-    generate.add_parser(sub)  # loraprune-jax generate --model ... --prompt ...
-
-    demo = sub.add_parser("demo", help="the main job: prune the bundled SmolLM2 on bundled text")
+def add_demo_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``demo`` (``prune`` with the defaults) on the ``loraprune-jax`` subparsers."""
+    demo = subparsers.add_parser("demo", help="the main job: prune the bundled SmolLM2 on bundled text")
     demo.add_argument("overrides", nargs="*", metavar="key=value", help="as for prune")
     demo.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
     demo.set_defaults(func=cmd_demo)
-    return parser
+    return demo
 
 
-def _env_wants_distributed() -> bool:
-    from .parallel.distributed import wants_distributed
-
-    return wants_distributed()
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    from .train.hostmem import keep_freed_memory
-
-    keep_freed_memory()  # before any JAX thread allocates; LORAPRUNE_JAX_SYSTEM_MALLOC=1: not
-    args = build_parser().parse_args(argv)
-    for attr in ("seq_len", "max_windows", "batch_size"):
-        values = getattr(args, attr, None)
-        for v in values if isinstance(values, list) else [values]:
-            if v is not None and v < 1:
-                raise SystemExit(f"error: --{attr.replace('_', '-')} must be positive, got {v}")
-    try:
-        if getattr(args, "distributed", False) or _env_wants_distributed():
-            from .parallel.distributed import initialize
-
-            initialize()
-        return args.func(args)
-    except (OSError, ValueError) as e:  # bad input: a file, a checkpoint, a text, a width
-        if os.environ.get("LORAPRUNE_JAX_DEBUG"):
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+__all__ = ["add_demo_parser", "add_parser", "build_run_config", "cmd_demo", "cmd_prune", "flatten",
+           "parse_overrides", "print_summary", "yaml_load"]

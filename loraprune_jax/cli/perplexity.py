@@ -1,0 +1,90 @@
+"""``loraprune-jax eval``: perplexity of a model on a text or on the bundled held-out texts
+(LLM-Pruner protocol; :func:`loraprune_jax.eval.perplexity.perplexity` does the work)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+
+def _load(model: str, dtype: str | None) -> tuple[Any, Any, Any, float]:
+    from ..config import default_dtype
+    from ..io import load_model
+
+    start = time.perf_counter()
+    config, base, tokenizer = load_model(model, dtype=dtype or default_dtype())
+    return config, base, tokenizer, time.perf_counter() - start
+
+
+def _eval_texts(args: argparse.Namespace) -> dict[str, str]:
+    from ..data import default_heldout_texts, load_texts
+
+    if args.text is None:
+        return default_heldout_texts()
+    texts = load_texts(args.text, split="heldout")  # a bare "wiki" means its held-out articles
+    return {str(args.text): "\n\n".join(texts)}
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Perplexity of a model on a text (or on the default held-out texts)."""
+    from ..data.packing import tokenize_join
+    from ..eval.perplexity import perplexity
+
+    config, base, tokenizer, load_s = _load(args.model, args.dtype)
+    if tokenizer is None:
+        raise SystemExit(f"error: {args.model} has no tokenizer files; cannot tokenize text")
+    print(f"model {args.model}: {config.num_params() / 1e6:.1f}M parameters, {config.dtype}, "
+          f"loaded in {load_s:.1f}s", file=sys.stderr)
+    results: dict[str, Any] = {}
+    for name, text in _eval_texts(args).items():
+        ids = tokenize_join([text], tokenizer)
+        for seq_len in args.seq_len:
+            res = perplexity(
+                base, config, ids, seq_len,
+                max_windows=args.max_windows, batch_size=args.batch_size,
+                progress=not args.no_progress, desc=f"{name} L={seq_len}",
+            )
+            print(f"{name}\tseq_len={seq_len}\tppl={res.ppl:.4f}\ttokens={res.tokens}\t"
+                  f"windows={res.windows}\t{res.tokens_per_second:.0f} tok/s")
+            results.setdefault(name, {})[seq_len] = res
+    if args.json:
+        single = len(results) == 1 and len(args.seq_len) == 1
+        if single:
+            res = next(iter(next(iter(results.values())).values()))
+            payload = {"ppl": res.ppl, "tokens": res.tokens}
+        else:
+            payload = {
+                name: {str(L): {"ppl": r.ppl, "tokens": r.tokens} for L, r in per_len.items()}
+                for name, per_len in results.items()
+            }
+        from ..io.jsonfile import write_json
+
+        out = Path(args.json)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_json(out, payload)
+    return 0
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``eval`` on the ``loraprune-jax`` subparsers."""
+    ev = subparsers.add_parser("eval", help="perplexity (LLM-Pruner protocol: non-overlapping windows)")
+    ev.add_argument("--model", required=True, help="'smollm2', a HF LLaMA directory, or a .gguf file")
+    ev.add_argument("--text", default=None,
+                    help="a UTF-8 text file of any name (.jsonl: the 'text' field of each line), "
+                         "a directory of .txt files, 'wiki', 'lee' or 'tfds:NAME[:SPLIT]' "
+                         "(default: the bundled held-out texts)")
+    ev.add_argument("--seq-len", type=int, nargs="+", default=[2048], help="window length(s)")
+    ev.add_argument("--max-windows", type=int, default=None, help="evaluate at most N windows")
+    ev.add_argument("--batch-size", type=int, default=None, help="windows per compiled call")
+    ev.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                    help="parameter dtype (default: float32 on CPU, bfloat16 on GPU/TPU)")
+    ev.add_argument("--json", default=None, help="also write the results as JSON to this file")
+    ev.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ev.set_defaults(func=cmd_eval)
+    return ev
+
+
+__all__ = ["add_parser", "cmd_eval"]
