@@ -67,6 +67,35 @@ def noisy_norms(base, key=3):
     return {**base, "layers": layers}
 
 
+def reference_group_scores(elements, n_units: int, n_channels: int) -> dict[str, np.ndarray]:
+    """Brute-force LLaMA group scores (method.md section 3), for checking the vectorised ones.
+
+    Unit ``u`` of ``n_units`` owns the ``u``-th consecutive share of the columns of q, k, v and
+    of the rows of o (its query heads' and its KV head's); channel ``c`` owns column ``c`` of
+    gate and up and row ``c`` of down. A module's group score sums the element scores of every
+    entry its group owns; each module's vector is divided by its L2 norm (a zero vector stays
+    zero) and a block sums its modules. Plain loops in float64.
+    """
+    owner_axis = {"q": 1, "k": 1, "v": 1, "o": 0, "gate": 1, "up": 1, "down": 0}
+    out = {}
+    for kind, n, names in (("attn", n_units, "q k v o"), ("mlp", n_channels, "gate up down")):
+        total = np.zeros(n)
+        for name in names.split():
+            if name not in elements:
+                continue
+            e = np.asarray(elements[name], np.float64)
+            axis = owner_axis[name]
+            share = e.shape[axis] // n
+            vec = np.zeros(n)
+            for i in range(e.shape[0]):
+                for j in range(e.shape[1]):
+                    vec[(j if axis == 1 else i) // share] += e[i, j]
+            norm = np.sqrt(sum(x * x for x in vec))
+            total += vec / norm if norm > 0 else vec
+        out[kind] = total
+    return out
+
+
 @pytest.fixture(params=["mha", "gqa"])
 def kind(request) -> str:
     return request.param

@@ -6,7 +6,8 @@ import jax
 import numpy as np
 import pytest
 
-from loraprune_jax.pruning.criteria import INPUT_STAT, element_scores, layer_scores, merged_weight
+from conftest import reference_group_scores
+from loraprune_jax.pruning.criteria import element_scores, layer_scores, merged_weight
 from loraprune_jax.pruning.importance import layer_group_scores, lora_guided_importance
 
 D, HD, H, K, F, R = 4, 2, 6, 2, 3, 2
@@ -38,21 +39,25 @@ def test_merged_weight(layer, adapters):
 
 
 def test_magnitude_and_vanilla_and_wanda(layer, adapters):
-    merged = {n: np.asarray(merged_weight(layer, adapters, n, 2.0)) for n in SHAPES}
+    merged = {n: layer[n] + (2.0 * adapters[n]["a"] @ adapters[n]["b"] if n in adapters else 0.0)
+              for n in SHAPES}
     got = layer_scores("magnitude", layer, adapters, K, scale=2.0, power=2)
-    want = layer_group_scores({n: np.abs(w) ** 2 for n, w in merged.items()}, K, F)
+    want = reference_group_scores({n: np.abs(w) ** 2 for n, w in merged.items()}, K, F)
     np.testing.assert_allclose(got["attn"], want["attn"], rtol=1e-5)
 
     grads = {n: rand(*s, seed=40 + i) for i, (n, s) in enumerate(SHAPES.items())}
     got = layer_scores("vanilla", layer, adapters, K, scale=2.0, weight_grads=grads)
-    want = layer_group_scores({n: np.abs(grads[n] * merged[n]) for n in SHAPES}, K, F)
+    want = reference_group_scores({n: np.abs(grads[n] * merged[n]) for n in SHAPES}, K, F)
     np.testing.assert_allclose(got["mlp"], want["mlp"], rtol=1e-5)
 
     stats = {"attn_in": rand(D, seed=1) ** 2, "o_in": rand(H * HD, seed=2) ** 2,
              "mlp_in": rand(D, seed=3) ** 2, "down_in": rand(F, seed=4) ** 2}
     got = layer_scores("wanda", layer, adapters, K, scale=2.0, input_stats=stats)
-    want = layer_group_scores(
-        {n: np.abs(merged[n]) * np.sqrt(stats[INPUT_STAT[n]])[:, None] for n in SHAPES}, K, F)
+    # Wanda: |W| times the RMS of the input each row of W reads
+    reads = {"q": "attn_in", "k": "attn_in", "v": "attn_in", "o": "o_in",
+             "gate": "mlp_in", "up": "mlp_in", "down": "down_in"}
+    want = reference_group_scores(
+        {n: np.abs(merged[n]) * np.sqrt(stats[reads[n]])[:, None] for n in SHAPES}, K, F)
     np.testing.assert_allclose(got["attn"], want["attn"], rtol=1e-5)
     np.testing.assert_allclose(got["mlp"], want["mlp"], rtol=1e-5)
 

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from conftest import reference_group_scores
 from loraprune_jax.pruning.importance import (
     block_scores,
     ema_update,
@@ -32,9 +33,17 @@ def test_estimate_is_the_change_of_ab_after_one_sgd_step():
 
 
 def test_element_importance_powers():
+    # by hand, rank 1: G = a b - (a - ga)(b - gb) = [[2, .5], [0, 7]], W + .5 a b = [[2.5, -.5], [1, -.5]]
+    a, b = np.array([[1.0], [2.0]], np.float32), np.array([[3.0, -1.0]], np.float32)
+    ga, gb = np.array([[0.5], [-1.0]], np.float32), np.array([[1.0, 2.0]], np.float32)
+    w = np.array([[1.0, 0.0], [-2.0, 0.5]], np.float32)
+    np.testing.assert_allclose(lora_guided_importance(w, a, b, ga, gb, 0.5), [[5.0, 0.25], [0.0, 3.5]], rtol=1e-6)
+    np.testing.assert_allclose(lora_guided_importance(w, a, b, ga, gb, 0.5, power=2), [[25.0, 0.0625], [0.0, 12.25]],
+                               rtol=1e-6)
+    # random rank 2, against the definition as one SGD step on the pair
     w, a, b, ga, gb = rand(6, 4, seed=5), rand(6, 2, seed=6), rand(2, 4, seed=7), rand(6, 2, seed=8), rand(2, 4, seed=9)
-    g = a @ gb + ga @ b - ga @ gb
-    want = np.abs(g * (w + 0.5 * a @ b))
+    step = a.astype(np.float64) @ b - (a - ga).astype(np.float64) @ (b - gb)
+    want = np.abs(step * (w + 0.5 * a.astype(np.float64) @ b))
     np.testing.assert_allclose(lora_guided_importance(w, a, b, ga, gb, 0.5), want, rtol=1e-5)
     np.testing.assert_allclose(lora_guided_importance(w, a, b, ga, gb, 0.5, power=2), want**2, rtol=1e-4)
 
@@ -66,15 +75,28 @@ def test_gqa_layer_groups_follow_kv_groups():
         "down": rand(ffn, d, seed=6) ** 2,
     }
     got = layer_group_scores(elems, kv, ffn)
-    q = elems["q"].sum(0).reshape(kv, -1).sum(1)  # 3 query heads x hd columns per unit
-    k = elems["k"].sum(0).reshape(kv, -1).sum(1)
-    v = elems["v"].sum(0).reshape(kv, -1).sum(1)
-    o = elems["o"].sum(1).reshape(kv, -1).sum(1)
-    n = lambda x: x / (np.linalg.norm(x) + 1e-8)
-    np.testing.assert_allclose(got["attn"], n(q) + n(k) + n(v) + n(o), rtol=1e-5)
-    np.testing.assert_allclose(got["mlp"], n(elems["gate"].sum(0)) + n(elems["down"].sum(1)), rtol=1e-5)
+    want = reference_group_scores(elems, kv, ffn)  # 3 query heads x hd columns per unit
+    np.testing.assert_allclose(got["attn"], want["attn"], rtol=1e-5)
+    np.testing.assert_allclose(got["mlp"], want["mlp"], rtol=1e-5)
     no_mlp = layer_group_scores({k_: v_ for k_, v_ in elems.items() if k_ in "qkvo"}, kv, ffn)
     np.testing.assert_array_equal(no_mlp["mlp"], np.zeros(ffn))
+
+
+def test_gqa_layer_groups_by_hand():
+    """4 query heads of width 2 on 2 KV heads: unit u owns q columns 4u..4u+3, k/v columns 2u,
+    2u+1 and o rows 4u..4u+3. Module sums are 3-4-5 triangles, so the normalised scores are exact."""
+    elems = {
+        "q": [[1, 0, 0, 1, 0, 2, 0, 0], [0, 1, 0, 0, 1, 0, 1, 0]],  # unit sums 3, 4 -> .6, .8
+        "k": [[0, 0, 2, 0], [0, 0, 1, 2]],                          # 0, 5 -> 0, 1
+        "v": [[6, 0, 0, 8], [0, 0, 0, 0]],                          # 6, 8 -> .6, .8
+        "o": [[0, 0]] * 3 + [[0.5, 0.5]] + [[0, 0]] * 4,            # 1, 0 -> 1, 0
+        "gate": [[3, 0], [2, 0]],                                   # 5, 0 -> 1, 0
+        "up": [[0, 2], [0, 0]],                                     # 0, 2 -> 0, 1
+        "down": [[1, 2], [4, 0]],                                   # rows: 3, 4 -> .6, .8
+    }
+    got = layer_group_scores({n: np.array(e, np.float32) for n, e in elems.items()}, 2, 2)
+    np.testing.assert_allclose(got["attn"], [2.2, 2.6], rtol=1e-6)
+    np.testing.assert_allclose(got["mlp"], [1.6, 1.8], rtol=1e-6)
 
 
 def test_lora_layer_scores_from_adapters():
@@ -85,8 +107,12 @@ def test_lora_layer_scores_from_adapters():
     adapters = {n: {"a": rand(s[0], r, seed=10 + i), "b": rand(r, s[1], seed=20 + i)} for i, (n, s) in enumerate(shapes.items())}
     grads = {n: {"a": rand(s[0], r, seed=30 + i), "b": rand(r, s[1], seed=40 + i)} for i, (n, s) in enumerate(shapes.items())}
     got = lora_layer_scores(layer, adapters, grads, 2.0, kv)
-    elems = {n: lora_guided_importance(layer[n], p["a"], p["b"], grads[n]["a"], grads[n]["b"], 2.0) for n, p in adapters.items()}
-    want = layer_group_scores(elems, kv, ffn)
+    elems = {}
+    for n, p in adapters.items():  # the definition: |(change of A B after one SGD step) * merged W|
+        a, b = p["a"].astype(np.float64), p["b"].astype(np.float64)
+        ga, gb = grads[n]["a"], grads[n]["b"]
+        elems[n] = np.abs((a @ b - (a - ga) @ (b - gb)) * (layer[n] + 2.0 * a @ b))
+    want = reference_group_scores(elems, kv, ffn)
     np.testing.assert_allclose(got["attn"], want["attn"], rtol=1e-6)
     np.testing.assert_allclose(got["mlp"], want["mlp"], rtol=1e-6)
     assert got["attn"].shape == (kv,) and got["mlp"].shape == (ffn,)
