@@ -9,7 +9,6 @@ import pytest
 
 from conftest import count_compiles, noisy_norms, randomize_b, tiny_config
 from loraprune_jax.config import LoraConfig
-from loraprune_jax.models import decode
 from loraprune_jax.models.decode import (
     decode_step,
     filter_logits,
