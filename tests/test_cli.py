@@ -82,7 +82,8 @@ def test_eval_reads_any_utf8_file_and_refuses_a_binary_one(model_dir, tmp_path, 
 
 
 @pytest.mark.slow
-def test_demo_prunes_the_bundled_model(smollm2, tmp_path, capsys):
+def test_demo_prunes_the_bundled_model(smollm2_cache, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("LORAPRUNE_JAX_CACHE", str(smollm2_cache))  # the session's conversion
     out = tmp_path / "run"
     assert main(["demo", "train.steps=6", "prune.prune_every=2", "eval_max_windows=2",
                  f"out={out}", "--no-progress"]) == 0

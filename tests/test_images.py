@@ -3,7 +3,6 @@ model-input preprocessing and foolbox's bundled sample images."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 import tarfile
@@ -139,7 +138,6 @@ def test_to_model_input():
         I.to_model_input(gray, layout="CHW")
 
 
-@pytest.mark.skipif(importlib.util.find_spec("foolbox") is None, reason="foolbox is not installed")
 def test_foolbox_images():
     x, y = I.load_foolbox_images("cifar10")
     assert x.shape == (20, 32, 32, 3) and x.dtype == np.uint8

@@ -24,9 +24,17 @@ def test_estimate_is_the_change_of_ab_after_one_sgd_step():
 
 
 def test_element_importance_powers():
+    # by hand, rank 1: G = a b - (a - ga)(b - gb) = [[2, .5], [0, 7]], W + .5 a b = [[2.5, -.5], [1, -.5]]
+    a, b = np.array([[1.0], [2.0]], np.float32), np.array([[3.0, -1.0]], np.float32)
+    ga, gb = np.array([[0.5], [-1.0]], np.float32), np.array([[1.0, 2.0]], np.float32)
+    w = np.array([[1.0, 0.0], [-2.0, 0.5]], np.float32)
+    np.testing.assert_allclose(lora_guided_importance(w, a, b, ga, gb, 0.5), [[5.0, 0.25], [0.0, 3.5]], rtol=1e-6)
+    np.testing.assert_allclose(lora_guided_importance(w, a, b, ga, gb, 0.5, power=2), [[25.0, 0.0625], [0.0, 12.25]],
+                               rtol=1e-6)
+    # random rank 2, against the definition as one SGD step on the pair
     w, a, b, ga, gb = rand(6, 4, seed=5), rand(6, 2, seed=6), rand(2, 4, seed=7), rand(6, 2, seed=8), rand(2, 4, seed=9)
-    g = a @ gb + ga @ b - ga @ gb
-    want = np.abs(g * (w + 0.5 * a @ b))
+    step = a.astype(np.float64) @ b - (a - ga).astype(np.float64) @ (b - gb)
+    want = np.abs(step * (w + 0.5 * a.astype(np.float64) @ b))
     np.testing.assert_allclose(lora_guided_importance(w, a, b, ga, gb, 0.5), want, rtol=1e-5)
     np.testing.assert_allclose(lora_guided_importance(w, a, b, ga, gb, 0.5, power=2), want**2, rtol=1e-4)
 

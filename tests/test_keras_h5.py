@@ -5,15 +5,14 @@ from __future__ import annotations
 import importlib.util
 import json
 
+import h5py
 import numpy as np
 import pytest
 
-h5py = pytest.importorskip("h5py")
-
-from loraprune_jax.io import keras_h5  # noqa: E402
-from loraprune_jax.io.errors import CheckpointError  # noqa: E402
-from loraprune_jax.io.keras_h5 import INSTALL, load_cifar10_cnn  # noqa: E402
-from loraprune_jax.models.cnn import CIFAR10_CNN, CnnConfig  # noqa: E402
+from loraprune_jax.io import keras_h5
+from loraprune_jax.io.errors import CheckpointError
+from loraprune_jax.io.keras_h5 import load_cifar10_cnn
+from loraprune_jax.models.cnn import CIFAR10_CNN, CnnConfig
 
 
 def tiny_layers() -> tuple[list[dict], dict[str, dict[str, np.ndarray]]]:
@@ -54,10 +53,8 @@ def write_h5(path, layers, weights, class_name: str = "Sequential") -> None:
                 g.create_dataset(k, data=np.asarray(v, np.float32))
 
 
-def test_real_model_shapes_and_config():
-    if importlib.util.find_spec("cifar_10_model") is None:
-        pytest.skip(f"cifar-10-model is not installed ({INSTALL})")
-    params, config = load_cifar10_cnn()
+def test_real_model_shapes_and_config(cifar10_cnn):
+    params, config = cifar10_cnn  # load_cifar10_cnn() of the bundled file, once per session
     assert config == CIFAR10_CNN == CnnConfig(pools=(1, 2, 1, 2, 1, 1), dense_relu=(True,) * 3,
                                               bn_eps=1e-3, padding="VALID")
     assert [c["kernel"].shape for c in params["convs"]] == [

@@ -25,7 +25,7 @@ def model(kind, tied=True, **kw):
 
 
 def test_matches_pytorch_transformers(kind, tokens, tmp_path):
-    torch = pytest.importorskip("torch")
+    import torch
     from transformers import LlamaForCausalLM
 
     from loraprune_jax.io.hf import save_hf_dir

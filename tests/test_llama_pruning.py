@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import tiny_config
+from conftest import reference_group_scores, tiny_config
 from loraprune_jax.core.groups import declared_masks, group_scores
 from loraprune_jax.models.llama import expand_unit_mask
 from loraprune_jax.models.llama_pruning import (INPUT_STAT, init_masks, layer_scores,
@@ -22,14 +22,7 @@ def rand(*shape, seed=0):
 
 
 def gqa_oracle(elems):
-    """LLaMA's group scores written out by hand: a unit's q columns (3 query heads x hd), its
-    k/v columns and its o rows; a channel's gate/up column and down row; each L2-normalised."""
-    n = lambda x: x / (np.linalg.norm(x) + 1e-8)
-    attn = [n(elems[p].sum(0).reshape(K, -1).sum(1)) for p in ("q", "k", "v") if p in elems]
-    attn += [n(elems["o"].sum(1).reshape(K, -1).sum(1))] if "o" in elems else []
-    mlp = [n(elems[p].sum(0)) for p in ("gate", "up") if p in elems]
-    mlp += [n(elems["down"].sum(1))] if "down" in elems else []
-    return {"attn": sum(attn) if attn else np.zeros(K), "mlp": sum(mlp) if mlp else np.zeros(F)}
+    return reference_group_scores(elems, K, F)
 
 
 @pytest.fixture
@@ -89,6 +82,23 @@ def test_gqa_groups_follow_kv_groups():
     attn_only = {n: e for n, e in elems.items() if n in "qkvo"}
     got = group_scores({(n,): e for n, e in attn_only.items()}, llama_layer_groups(H, K, HD, F))
     np.testing.assert_array_equal(got["mlp"], np.zeros(F))
+
+
+def test_gqa_layer_groups_by_hand():
+    """4 query heads of width 2 on 2 KV heads: unit u owns q columns 4u..4u+3, k/v columns 2u,
+    2u+1 and o rows 4u..4u+3. Module sums are 3-4-5 triangles, so the normalised scores are exact."""
+    elems = {
+        "q": [[1, 0, 0, 1, 0, 2, 0, 0], [0, 1, 0, 0, 1, 0, 1, 0]],  # unit sums 3, 4 -> .6, .8
+        "k": [[0, 0, 2, 0], [0, 0, 1, 2]],                          # 0, 5 -> 0, 1
+        "v": [[6, 0, 0, 8], [0, 0, 0, 0]],                          # 6, 8 -> .6, .8
+        "o": [[0, 0]] * 3 + [[0.5, 0.5]] + [[0, 0]] * 4,            # 1, 0 -> 1, 0
+        "gate": [[3, 0], [2, 0]],                                   # 5, 0 -> 1, 0
+        "up": [[0, 2], [0, 0]],                                     # 0, 2 -> 0, 1
+        "down": [[1, 2], [4, 0]],                                   # rows: 3, 4 -> .6, .8
+    }
+    got = group_scores({(n,): np.array(e, np.float32) for n, e in elems.items()}, llama_layer_groups(4, 2, 2, 2))
+    np.testing.assert_allclose(got["attn"], [2.2, 2.6], rtol=1e-6)
+    np.testing.assert_allclose(got["mlp"], [1.6, 1.8], rtol=1e-6)
 
 
 def test_declaration_widths_and_masks():

