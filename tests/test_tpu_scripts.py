@@ -220,7 +220,7 @@ def test_setup_from_git_with_bucket(tools):
     script = remote(install)
     assert "PY=python3.11\n" in script and '"$PY" -m venv "$HOME/loraprune-venv"' in script
     assert "git fetch -q --depth 1 https://example.com/me/loraprune-jax.git v1.0\n" in script
-    assert ('pip install -q -e "$HOME/loraprune-jax" "jax[tpu]==0.10.2" '
+    assert ('pip install -q -e "$HOME/loraprune-jax[all]" "jax[tpu]==0.10.2" '
             "-f https://storage.googleapis.com/jax-releases/libtpu_releases.html\n") in script
     assert "apt-get -o DPkg::Lock::Timeout=600 install -y -q gcsfuse" in script
     assert ("mountpoint -q /mnt/loraprune || gcsfuse --implicit-dirs --rename-dir-limit=200000 "

