@@ -61,3 +61,26 @@ def test_no_module_over_the_size_limit():
     sizes = {str(p.relative_to(PACKAGE)): len(p.read_text(encoding="utf-8").splitlines())
              for p in PACKAGE.rglob("*.py")}
     assert {p: n for p, n in sizes.items() if n > 450} == {}
+
+
+BLOCK = """
+import importlib.abc, sys
+class Block(importlib.abc.MetaPathFinder):  # as if the package were not installed
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == {name!r}:
+            raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
+sys.meta_path.insert(0, Block())
+"""
+
+
+@pytest.mark.parametrize("blocked, statement, message", [
+    ("gguf", "from loraprune_jax.io import load_smollm2",
+     "reading a .gguf file needs the 'gguf' package: pip install 'loraprune-jax[gguf]'"),
+    ("transformers", "from loraprune_jax.io.tokenizer import tokenizer_from_gguf as t; t('x')",
+     "a tokenizer needs the 'transformers' package: pip install 'loraprune-jax[hf]'"),
+])
+def test_missing_extra_names_the_extra(blocked, statement, message):
+    code = BLOCK.format(name=blocked) + "import loraprune_jax, loraprune_jax.io\n" + statement
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 1
+    assert f"loraprune_jax.extras.MissingExtra: {message}" in out.stderr

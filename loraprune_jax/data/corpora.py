@@ -22,6 +22,8 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
+from ..extras import require
+
 WIKI_FILE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 LEE_FILE = "lee_background.cor"
 HELDOUT_EVERY = 10
@@ -60,7 +62,7 @@ def _bundled_file(name: str) -> str:
 
 def clean_wiki_text(raw: str) -> str:
     """Wiki markup -> plain text: gensim ``filter_wiki``, drop ''/''' emphasis, tidy whitespace."""
-    from gensim.corpora.wikicorpus import filter_wiki
+    filter_wiki = require("gensim.corpora.wikicorpus", "the bundled Wikipedia corpus").filter_wiki
 
     text = filter_wiki(raw)
     text = _EMPHASIS.sub("", text)
@@ -78,7 +80,7 @@ def _is_article(title: str, raw: str) -> bool:
 @functools.lru_cache(maxsize=1)
 def _wiki_documents_all() -> tuple[tuple[str, str], ...]:
     """All kept (title, clean text) articles of the bundled dump, in file order (cached)."""
-    from gensim.corpora.wikicorpus import extract_pages
+    extract_pages = require("gensim.corpora.wikicorpus", "the bundled Wikipedia corpus").extract_pages
 
     docs = []
     with bz2.open(_bundled_file(WIKI_FILE), "rb") as f:

@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ..extras import require
+
 Array = jax.Array
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -198,7 +200,7 @@ def load_foolbox_images(dataset: str = "cifar10") -> tuple[np.ndarray, np.ndarra
     give ``(20, 32, 32, 3)``, mnist/fashionMNIST ``(20, 28, 28)``, imagenet ``(20, 512, 512, 3)``
     (an image of another size is resized bilinearly to the first one's).
     """
-    from PIL import Image
+    Image = require("PIL.Image", "reading image files")
 
     root = foolbox_data_dir()
     pattern = re.compile(rf"{re.escape(dataset)}_(\d+)_(\d+)\.(png|jpg)")

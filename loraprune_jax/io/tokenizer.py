@@ -9,19 +9,19 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import gguf
-import tokenizers
-import transformers
-from tokenizers import decoders, models, pre_tokenizers, processors
+from loraprune_jax.extras import require
 
+if TYPE_CHECKING:  # imported where used: the hf and gguf extras
+    import gguf
+    import transformers
 from loraprune_jax.io.errors import CheckpointError
 
 # llama.cpp token types (gguf.TokenType): 1 normal, 2 unknown, 3 control, 4 user defined,
 # 5 unused, 6 byte.
-_CONTROL = int(gguf.TokenType.CONTROL)
-_USER_DEFINED = int(gguf.TokenType.USER_DEFINED)
+_CONTROL = 3
+_USER_DEFINED = 4
 
 # llama.cpp pre-tokenizer names (``tokenizer.ggml.pre``) -> does it split digits one by one
 # before the GPT-2 byte-level regex? These share llama.cpp's "starcoder" pre-tokenizer type,
@@ -39,6 +39,7 @@ HF_TOKENIZER_FILES = (
 
 
 def _reader_and_path(reader_or_path: gguf.GGUFReader | str | os.PathLike[str]):
+    gguf = require("gguf", "reading a GGUF tokenizer")
     if isinstance(reader_or_path, gguf.GGUFReader):
         reader = reader_or_path
         path = getattr(reader.data, "filename", None) or "<GGUF reader>"
@@ -68,6 +69,10 @@ def tokenizer_from_gguf(
     (``tokenizer.ggml.add_bos_token`` / ``add_eos_token``). Raises :class:`CheckpointError`
     naming the file for anything else, rather than silently tokenizing differently.
     """
+    tokenizers = require("tokenizers", "building a tokenizer")
+    transformers = require("transformers", "a tokenizer")
+    from tokenizers import decoders, models, pre_tokenizers, processors
+
     reader, path = _reader_and_path(reader_or_path)
     model = _field(reader, "tokenizer.ggml.model")
     if model is None:
@@ -182,6 +187,7 @@ def load_hf_tokenizer(path: str | os.PathLike[str]) -> Any | None:
     """
     if not has_hf_tokenizer(path):
         return None
+    transformers = require("transformers", "loading a HF tokenizer")
     try:
         if (Path(path) / "tokenizer.json").is_file():
             return transformers.PreTrainedTokenizerFast.from_pretrained(

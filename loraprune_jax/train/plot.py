@@ -8,6 +8,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ..extras import require
+
 
 def plot_history(history: list[dict[str, Any]], path: Path, title: str,
                  element: bool = False) -> None:
@@ -15,7 +17,7 @@ def plot_history(history: list[dict[str, Any]], path: Path, title: str,
 
     Drawn on a bare ``Figure`` (no pyplot), so the caller's matplotlib backend, a notebook's
     inline one for instance, is left alone."""
-    from matplotlib.figure import Figure
+    Figure = require("matplotlib.figure", "plotting training.png").Figure
 
     steps = [h["step"] for h in history]
     fig = Figure(figsize=(7, 4))
