@@ -128,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     from loraprune_jax.config import LlamaConfig, LoraConfig, PruneConfig, TrainConfig
     from loraprune_jax.models.llama_params import layer_shapes
     from loraprune_jax.models.lora import init_lora
+    from loraprune_jax.models.llama_params import base_shardings
     from loraprune_jax.parallel import mesh as pm
     from loraprune_jax.models.llama_pruning import init_masks
     from loraprune_jax.train.step import init_state, make_train_step
@@ -171,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         sizes = pm.mesh_sizes(mesh) if mesh is not None else {"data": 1, "fsdp": 1, "tensor": 1}
         shards = sizes["data"] * sizes["fsdp"]
         micro = args.micro_batch * shards
-        shardings = pm.param_shardings(pm.base_layout(cfg, stacked=True), mesh) if mesh is not None else None
+        shardings = base_shardings(cfg, mesh, stacked=True) if mesh is not None else None
         rep = pm.replicated(mesh) if mesh is not None else None
         base = abstract_base(cfg, shardings)
         lora = jax.eval_shape(lambda b: init_lora(jax.random.PRNGKey(0), b, lc), base)

@@ -16,6 +16,7 @@ from conftest import count_compiles, randomize_b, tiny_config
 from loraprune_jax.config import LoraConfig, PruneConfig, TrainConfig
 from loraprune_jax.eval.perplexity import perplexity
 from loraprune_jax.models.llama import loss
+from loraprune_jax.models import llama_params as lp
 from loraprune_jax.models.llama_params import init_base, stack_layers
 from loraprune_jax.models.lora import init_lora
 from loraprune_jax.parallel import mesh as pm
@@ -77,7 +78,7 @@ def test_rules_map_logical_axes():
 
 def test_every_parameter_has_logical_axes():
     base = stack_layers(init_base(CONFIG, 0))
-    axes = pm.logical_axes(base)
+    axes = lp.logical_axes(base)
     for (path, leaf), names in zip(jax.tree.leaves_with_path(base), jax.tree.leaves(
             axes, is_leaf=lambda x: isinstance(x, tuple))):
         assert len(names) == leaf.ndim, (path, names)
@@ -88,14 +89,14 @@ def test_width_errors_say_what_to_change():
                             intermediate_size=48, vocab_size=128)
     with pytest.raises(pm.ShardingError, match=r"layer 0 has 9 query heads, not a multiple of the "
                        r"tensor axis \(2\).*mesh=fsdp:-1"):
-        pm.check_widths(smol_like, pm.make_mesh("fsdp:4,tensor:2"))
+        lp.check_widths(smol_like, pm.make_mesh("fsdp:4,tensor:2"))
     narrow = tiny_config("gqa", num_heads=9, num_kv_heads=3, head_dim=4, hidden_size=36)
     with pytest.raises(pm.ShardingError, match=r"hidden size 36 is not a multiple of the fsdp axis \(8\)"):
-        pm.check_widths(narrow, pm.make_mesh("fsdp:8"))
+        lp.check_widths(narrow, pm.make_mesh("fsdp:8"))
     pruned = CONFIG.with_widths(heads=[16, 14, 16], kv_heads=[8, 7, 8], ffn=[48, 40, 48])
-    pm.check_widths(pruned, pm.make_mesh("fsdp:8"))  # no tensor axis: any widths
+    lp.check_widths(pruned, pm.make_mesh("fsdp:8"))  # no tensor axis: any widths
     with pytest.raises(pm.ShardingError, match=r"layer 1 has 14 query heads.*\(and 1 more\).*pruned"):
-        pm.check_widths(pruned, pm.make_mesh("fsdp:2,tensor:4"))
+        lp.check_widths(pruned, pm.make_mesh("fsdp:2,tensor:4"))
 
 
 def test_batch_must_split_over_batch_axes():
@@ -108,7 +109,7 @@ def test_batch_must_split_over_batch_axes():
 def test_shard_base_places_and_stacks_lazily():
     host = jax.tree.map(np.asarray, init_base(CONFIG, 0))
     mesh = pm.make_mesh("data:2,fsdp:2,tensor:2")
-    placed = pm.shard_base(host, CONFIG, mesh)
+    placed = lp.shard_base(host, CONFIG, mesh)
     ref = stack_layers(init_base(CONFIG, 0))
     for (path, got), want in zip(jax.tree.leaves_with_path(placed), jax.tree.leaves(ref)):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want), err_msg=str(path))
@@ -121,7 +122,7 @@ def test_shard_base_places_and_stacks_lazily():
 # The sharded step equals the single-device step ----------------------------------------------
 def _run(mesh, criterion: str, steps: int = STEPS):
     host = jax.tree.map(np.asarray, init_base(CONFIG, 0))
-    base = stack_layers(jax.tree.map(jnp.asarray, host)) if mesh is None else pm.shard_base(host, CONFIG, mesh)
+    base = stack_layers(jax.tree.map(jnp.asarray, host)) if mesh is None else lp.shard_base(host, CONFIG, mesh)
     lora = randomize_b(init_lora(jax.random.PRNGKey(1), stack_layers(init_base(CONFIG, 0)), LORA))
     masks = init_masks(CONFIG, stacked=True)
     state = init_state(lora, masks, TRAIN)
@@ -199,7 +200,7 @@ def test_sharded_lora_gradients_equal(spec):
             return grads(*args)
 
     got_loss, got = jax.jit(sharded, out_shardings=rep)(
-        pm.shard_base(host, CONFIG, mesh), jax.device_put(lora, rep), jax.device_put(masks, rep),
+        lp.shard_base(host, CONFIG, mesh), jax.device_put(lora, rep), jax.device_put(masks, rep),
         pm.global_array(tokens, pm.batch_sharding(mesh, 2, 0)),
     )
     np.testing.assert_allclose(float(got_loss), float(want_loss), rtol=1e-6)
@@ -220,7 +221,7 @@ def test_sharded_perplexity_equals_unsharded():
     want = perplexity(stack_layers(jax.tree.map(jnp.asarray, host)), CONFIG, ids, 16, progress=False,
                       batch_size=4)
     mesh = pm.make_mesh("data:2,fsdp:2,tensor:2")
-    got = perplexity(pm.shard_base(host, CONFIG, mesh), CONFIG, ids, 16, progress=False,
+    got = perplexity(lp.shard_base(host, CONFIG, mesh), CONFIG, ids, 16, progress=False,
                      batch_size=3, mesh=mesh)  # rounded up to 4; 11 windows, the last batch padded
     assert got.windows == want.windows == 11
     np.testing.assert_allclose(got.nll, want.nll, rtol=1e-6)

@@ -22,16 +22,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from loraprune_jax.config import LlamaConfig, LoraConfig, PruneConfig, TrainConfig
-from loraprune_jax.models.llama_params import layer_shapes
+from loraprune_jax.models.llama_params import base_shardings, layer_shapes
 from loraprune_jax.models.lora import init_lora
-from loraprune_jax.parallel.mesh import (
-    base_layout,
-    batch_sharding,
-    global_array,
-    make_mesh,
-    param_shardings,
-    replicated,
-)
+from loraprune_jax.parallel.mesh import batch_sharding, global_array, make_mesh, replicated
 from loraprune_jax.models.llama_pruning import init_masks
 from loraprune_jax.train.step import init_state, make_train_step
 
@@ -50,7 +43,7 @@ MODELS = {
 
 def random_base(config: LlamaConfig, mesh, dtype) -> dict:
     """Random stacked weights made on the devices (nothing crosses from the host)."""
-    shardings = param_shardings(base_layout(config, stacked=True), mesh)
+    shardings = base_shardings(config, mesh, stacked=True)
     shapes = {"embed": (config.vocab_size, config.hidden_size),
               "final_norm": (config.hidden_size,),
               "lm_head": (config.hidden_size, config.vocab_size),

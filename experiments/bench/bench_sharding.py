@@ -55,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     from loraprune_jax.io import load_model
     from loraprune_jax.models.llama_params import stack_layers
     from loraprune_jax.models.lora import init_lora
+    from loraprune_jax.models.llama_params import shard_base
     from loraprune_jax.parallel import mesh as pm
     from loraprune_jax.models.llama_pruning import init_masks
     from loraprune_jax.train.step import init_state, make_train_step
@@ -94,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
             pm.check_batch(args.batch, mesh)
             rep = pm.replicated(mesh)
             put = lambda x, rep=rep: jax.device_put(x, rep)  # noqa: E731
-            base = pm.shard_base(host_base, config, mesh)
+            base = shard_base(host_base, config, mesh)
             batch = {"tokens": pm.global_array(tokens, pm.batch_sharding(mesh))}
             k = put(key)
         state = put(init_state(lora0, masks0, tc))

@@ -1,5 +1,6 @@
 """The LLaMA base tree's layout: per-layer shapes and checks, stacking layers for ``lax.scan``,
-and the ``flax.nnx`` module whose parameters are that tree."""
+the ``flax.nnx`` module whose parameters are that tree, and each parameter's logical axes with
+the widths a mesh must divide (``parallel.mesh`` maps them to devices)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import Mesh
 
 from ..config import LlamaConfig, LoraConfig
 from ..core.trees import unstack
+from ..parallel.mesh import DEFAULT_RULES, Rules, check_divisible, param_shardings, place_tree
 from .llama import forward
 
 Array = jax.Array
@@ -165,3 +168,85 @@ def init_base(config: LlamaConfig, key: Array | int = 0, std: float = 0.02) -> d
     """A random base tree for ``config`` (tests and shape-only planning)."""
     seed = int(jax.random.randint(key, (), 0, 2**31 - 1)) if isinstance(key, jax.Array) else key
     return Llama(config, rngs=nnx.Rngs(seed), std=std).params()
+
+
+# ----------------------------------------------------------------------------- logical axes
+# The logical names of each parameter's axes (kernels are (in, out)), which parallel.mesh's rules
+# map to mesh axes.
+LAYER_AXES: dict[str, tuple[str, ...]] = {
+    "attn_norm": ("norm",),
+    "q": ("embed", "q_heads"),
+    "k": ("embed", "kv_heads"),
+    "v": ("embed", "kv_heads"),
+    "o": ("q_heads", "embed"),
+    "mlp_norm": ("norm",),
+    "gate": ("embed", "mlp"),
+    "up": ("embed", "mlp"),
+    "down": ("mlp", "embed"),
+}
+TOP_AXES: dict[str, tuple[str, ...]] = {
+    "embed": ("vocab", "embed"),
+    "final_norm": ("norm",),
+    "lm_head": ("embed", "vocab"),
+}
+
+
+def logical_axes(base: dict[str, Any]) -> dict[str, Any]:
+    """A tree like ``base`` (list or stacked layers; leaves may be ``None``) whose leaves are
+    tuples of logical axis names."""
+    out: dict[str, Any] = {k: TOP_AXES[k] for k in base if k != "layers"}
+    layers = base["layers"]
+    if isinstance(layers, dict):
+        out["layers"] = {k: ("layers",) + LAYER_AXES[k] for k in layers}
+    else:
+        out["layers"] = [{k: LAYER_AXES[k] for k in layer} for layer in layers]
+    return out
+
+
+def base_layout(config: LlamaConfig, stacked: bool) -> dict[str, Any]:
+    """The key structure of a base tree for ``config`` (leaves ``None``), for shardings."""
+    layer = {k: None for k in LAYER_AXES}
+    out: dict[str, Any] = {"embed": None, "final_norm": None}
+    if not config.tie_word_embeddings:
+        out["lm_head"] = None
+    out["layers"] = layer if stacked else [dict(layer) for _ in range(config.num_layers)]
+    return out
+
+
+def base_shardings(config: LlamaConfig, mesh: Mesh, rules: Rules = DEFAULT_RULES,
+                   stacked: bool | None = None) -> dict[str, Any]:
+    """``NamedSharding`` of every base parameter for ``config`` on ``mesh`` (stacked layers by
+    default when the widths are uniform)."""
+    stacked = config.is_uniform if stacked is None else stacked
+    return param_shardings(logical_axes(base_layout(config, stacked)), mesh, rules)
+
+
+def check_widths(config: LlamaConfig, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> None:
+    """Raise ``ShardingError`` when a width does not divide the mesh axis it is split over:
+    heads, KV heads and MLP channels of every layer (``tensor``), the hidden size (``fsdp``),
+    the vocabulary. Says what to change."""
+    widths: list[tuple[int | None, str, str, int]] = [
+        (None, "hidden size", "embed", config.hidden_size),
+        (None, "vocabulary", "vocab", config.vocab_size),
+    ]
+    for i in range(config.num_layers):
+        widths += [(i, "query heads", "q_heads", config.heads(i)),
+                   (i, "KV heads", "kv_heads", config.kv_heads(i)),
+                   (i, "MLP channels", "mlp", config.ffn(i))]
+    hint = "" if config.is_uniform else (
+        "; this model was pruned to widths that the axis does not divide: use a smaller "
+        "tensor axis, or prune with allocation=uniform and a ratio whose kept counts it divides")
+    check_divisible(widths, mesh, rules, hint)
+
+
+def shard_base(base: dict[str, Any], config: LlamaConfig, mesh: Mesh, rules: Rules = DEFAULT_RULES,
+               *, stacked: bool | None = None, dtype: Any = None) -> dict[str, Any]:
+    """Place a host base tree (list layout, numpy or jax leaves) on ``mesh``, its layers stacked
+    (by default when the widths are uniform) shard by shard without a whole stacked copy on the
+    host. Checks the widths first (:func:`check_widths`)."""
+    check_widths(config, mesh, rules)
+    stacked = config.is_uniform if stacked is None else stacked
+    layers = base["layers"]
+    shape = {**base, "layers": dict.fromkeys(layers[0]) if stacked and isinstance(layers, list)
+             else layers}
+    return place_tree(base, logical_axes(shape), mesh, rules, stacked=stacked, dtype=dtype)

@@ -1,12 +1,13 @@
-"""Device meshes from a string, logical axis names for every parameter, and the rules that map
-them to mesh axes (MaxText style).
+"""Device meshes from a string, and the rules that map logical axis names to mesh axes (MaxText
+style): shardings, placement, batch splitting and activation constraints for any model.
 
 A mesh has three named axes: ``data`` (pure data parallelism), ``fsdp`` (data parallelism with
 the base weights sharded over it) and ``tensor`` (attention heads and MLP channels split across
-devices). Parameters carry *logical* names (``embed``, ``q_heads``, ``kv_heads``, ``mlp``,
-``vocab``, ``layers``, ...); :data:`DEFAULT_RULES` maps each to a mesh axis or to none. LoRA
-adapters, masks, scores and optimizer state are small and replicated; batches are split over
-``data`` and ``fsdp``.
+devices). Each model declares its parameters' *logical* axes next to its shapes
+(``models.llama_params.logical_axes``: ``embed``, ``q_heads``, ``kv_heads``, ``mlp``,
+``vocab``, ``layers``, ...) and which widths a mesh axis must divide; :data:`DEFAULT_RULES` maps
+each logical axis to a mesh axis or to none. LoRA adapters, masks, scores and optimizer state are
+small and replicated; batches are split over ``data`` and ``fsdp``.
 """
 
 from __future__ import annotations
@@ -20,8 +21,6 @@ from typing import Any
 import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
-
-from ..config import LlamaConfig
 
 AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -40,25 +39,6 @@ DEFAULT_RULES: Rules = (
     ("layers", None),
     ("seq", None),
 )
-
-# Logical names of each base parameter's axes (kernels are (in, out)).
-LAYER_AXES: dict[str, tuple[str, ...]] = {
-    "attn_norm": ("norm",),
-    "q": ("embed", "q_heads"),
-    "k": ("embed", "kv_heads"),
-    "v": ("embed", "kv_heads"),
-    "o": ("q_heads", "embed"),
-    "mlp_norm": ("norm",),
-    "gate": ("embed", "mlp"),
-    "up": ("embed", "mlp"),
-    "down": ("mlp", "embed"),
-}
-TOP_AXES: dict[str, tuple[str, ...]] = {
-    "embed": ("vocab", "embed"),
-    "final_norm": ("norm",),
-    "lm_head": ("embed", "vocab"),
-}
-
 
 class ShardingError(ValueError):
     """A mesh that does not fit the model, the batch or the device count."""
@@ -182,17 +162,6 @@ def spec_for(logical: Sequence[str | None], rules: Rules = DEFAULT_RULES) -> P:
     return P(*out)
 
 
-def logical_axes(base: dict[str, Any]) -> dict[str, Any]:
-    """A tree like ``base`` (list or stacked layers) whose leaves are tuples of logical names."""
-    out: dict[str, Any] = {k: TOP_AXES[k] for k in base if k != "layers"}
-    layers = base["layers"]
-    if isinstance(layers, dict):
-        out["layers"] = {k: ("layers",) + LAYER_AXES[k] for k in layers}
-    else:
-        out["layers"] = [{k: LAYER_AXES[k] for k in layer} for layer in layers]
-    return out
-
-
 def _is_axes(x: Any) -> bool:
     return isinstance(x, tuple) and all(isinstance(a, str) for a in x)
 
@@ -205,44 +174,27 @@ def _axis_size(mesh: Mesh, entry: Any) -> int:
     return math.prod(sizes[n] for n in names)
 
 
-def check_widths(config: LlamaConfig, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> None:
-    """Raise :class:`ShardingError` when a model width does not divide the mesh axis it is
-    split over: heads, KV heads and MLP channels of every layer (``tensor``), the hidden size
-    (``fsdp``), the vocabulary. Says what to change."""
+def check_divisible(widths: Sequence[tuple[int | None, str, str, int]], mesh: Mesh,
+                    rules: Rules = DEFAULT_RULES, hint: str = "") -> None:
+    """Raise :class:`ShardingError` when a width does not divide the mesh axis its logical axis
+    maps to, saying what to change. ``widths`` lists ``(layer or None, what, logical axis,
+    width)`` as a model declares them (e.g. ``(3, "MLP channels", "mlp", 1536)``); ``hint`` is
+    added to the first per-layer complaint."""
     table = dict(rules)
-
-    def size(logical: str) -> tuple[int, str]:
+    problems, layer_bad = [], []
+    for layer, what, logical, width in widths:
         entry = table.get(logical)
-        return _axis_size(mesh, entry), (entry if isinstance(entry, str) else "x".join(entry or ()))
-
-    problems = []
-    for what, logical, width in (
-        ("hidden size", "embed", config.hidden_size),
-        ("vocabulary", "vocab", config.vocab_size),
-    ):
-        n, axis = size(logical)
-        if width % n:
+        n = _axis_size(mesh, entry)
+        if width % n == 0:
+            continue
+        axis = entry if isinstance(entry, str) else "x".join(entry or ())
+        if layer is None:
             problems.append(f"the {what} {width} is not a multiple of the {axis} axis ({n})")
-    tensor_bad = []
-    for i in range(config.num_layers):
-        for what, logical, width in (
-            ("query heads", "q_heads", config.heads(i)),
-            ("KV heads", "kv_heads", config.kv_heads(i)),
-            ("MLP channels", "mlp", config.ffn(i)),
-        ):
-            n, axis = size(logical)
-            if width % n:
-                tensor_bad.append((i, what, width, axis, n))
-    if tensor_bad:
-        i, what, width, axis, n = tensor_bad[0]
-        more = f" (and {len(tensor_bad) - 1} more)" if len(tensor_bad) > 1 else ""
-        pruned = "" if config.is_uniform else (
-            "; this model was pruned to widths that the axis does not divide: use a smaller "
-            "tensor axis, or prune with allocation=uniform and a ratio whose kept counts it divides"
-        )
-        problems.append(
-            f"layer {i} has {width} {what}, not a multiple of the {axis} axis ({n}){more}{pruned}"
-        )
+        else:
+            layer_bad.append(f"layer {layer} has {width} {what}, not a multiple of the {axis} axis ({n})")
+    if layer_bad:
+        more = f" (and {len(layer_bad) - 1} more)" if len(layer_bad) > 1 else ""
+        problems.append(layer_bad[0] + more + hint)
     if problems:
         raise ShardingError(
             f"mesh {describe(mesh)} does not fit the model: " + "; ".join(problems)
@@ -250,9 +202,9 @@ def check_widths(config: LlamaConfig, mesh: Mesh, rules: Rules = DEFAULT_RULES) 
         )
 
 
-def param_shardings(base: dict[str, Any], mesh: Mesh, rules: Rules = DEFAULT_RULES) -> dict[str, Any]:
-    """``NamedSharding`` for every leaf of ``base`` (arrays or shape structs), from the rules."""
-    axes = logical_axes(base)
+def param_shardings(axes: Any, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Any:
+    """``NamedSharding`` for every leaf of a tree of logical-axis tuples (a model's declaration of
+    its parameters' axes, e.g. ``models.llama_params.logical_axes``), from the rules."""
     return jax.tree.map(lambda a: NamedSharding(mesh, spec_for(a, rules)), axes, is_leaf=_is_axes)
 
 
@@ -289,47 +241,37 @@ def global_array(value: np.ndarray, sharding: NamedSharding) -> jax.Array:
     return jax.make_array_from_callback(value.shape, sharding, lambda idx: value[idx])
 
 
-def shard_base(
-    base: dict[str, Any], config: LlamaConfig, mesh: Mesh, rules: Rules = DEFAULT_RULES,
-    *, stacked: bool | None = None, dtype: Any = None,
-) -> dict[str, Any]:
-    """Place a host base tree (list layout, numpy or jax leaves) on ``mesh``.
+def place_tree(host: dict[str, Any], axes: dict[str, Any], mesh: Mesh, rules: Rules = DEFAULT_RULES,
+               *, stacked: bool = False, dtype: Any = None) -> dict[str, Any]:
+    """Place a host tree (numpy or jax leaves) on ``mesh`` by its logical ``axes`` (a tree like
+    ``host``; with ``stacked``, like ``host`` with its ``"layers"`` list stacked).
 
-    With ``stacked`` (default: when the widths are uniform) the layers are stacked on a
-    leading axis without ever building the whole stacked array on the host: each device's
-    shard is read from the per-layer arrays. Checks the widths first (:func:`check_widths`).
+    With ``stacked`` the list ``host["layers"]`` is stacked on a leading axis without ever
+    building the whole stacked array on the host: each device's shard is read from the
+    per-layer arrays. ``dtype`` casts each shard as it is read.
     """
-    check_widths(config, mesh, rules)
-    stacked = config.is_uniform if stacked is None else stacked
-    layers = base["layers"]
     cast = (lambda x: x) if dtype is None else (lambda x: x.astype(dtype))
+    shardings = param_shardings(axes, mesh, rules)
 
     def put(x: Any, sharding: NamedSharding) -> jax.Array:
-        return jax.make_array_from_callback(
-            x.shape, sharding, lambda idx: cast(np.asarray(x[idx]))
-        )
+        return jax.make_array_from_callback(x.shape, sharding, lambda idx: cast(np.asarray(x[idx])))
 
-    top = {k: v for k, v in base.items() if k != "layers"}
-    if stacked and isinstance(layers, list):
-        shape_tree = {**top, "layers": {k: None for k in layers[0]}}
-        shardings = param_shardings(shape_tree, mesh, rules)
-        out = {k: put(v, shardings[k]) for k, v in top.items()}
-        stacked_layers = {}
-        for name in layers[0]:
-            per_layer = [layer[name] for layer in layers]
-            shape = (len(per_layer),) + tuple(per_layer[0].shape)
+    layers = host.get("layers")
+    if not (stacked and isinstance(layers, list)):
+        return jax.tree.map(put, host, shardings)
+    out = {k: put(v, shardings[k]) for k, v in host.items() if k != "layers"}
+    stacked_layers = {}
+    for name in layers[0]:
+        per_layer = [layer[name] for layer in layers]
+        shape = (len(per_layer),) + tuple(per_layer[0].shape)
 
-            def read(idx: tuple[slice, ...], per_layer: list[Any] = per_layer) -> np.ndarray:
-                rows = range(len(per_layer))[idx[0]]
-                return cast(np.stack([np.asarray(per_layer[i][idx[1:]]) for i in rows]))
+        def read(idx: tuple[slice, ...], per_layer: list[Any] = per_layer) -> np.ndarray:
+            rows = range(len(per_layer))[idx[0]]
+            return cast(np.stack([np.asarray(per_layer[i][idx[1:]]) for i in rows]))
 
-            stacked_layers[name] = jax.make_array_from_callback(
-                shape, shardings["layers"][name], read
-            )
-        out["layers"] = stacked_layers
-        return out
-    shardings = param_shardings(base, mesh, rules)
-    return jax.tree.map(put, base, shardings)
+        stacked_layers[name] = jax.make_array_from_callback(shape, shardings["layers"][name], read)
+    out["layers"] = stacked_layers
+    return out
 
 
 def host_tree(tree: Any) -> Any:
@@ -367,13 +309,3 @@ def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
         return x
     mesh, rules = active
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec_for(logical, rules)))
-
-
-def base_layout(config: LlamaConfig, stacked: bool) -> dict[str, Any]:
-    """The key structure of a base tree for ``config`` (leaves ``None``), for shardings."""
-    layer = {k: None for k in LAYER_AXES}
-    out: dict[str, Any] = {"embed": None, "final_norm": None}
-    if not config.tie_word_embeddings:
-        out["lm_head"] = None
-    out["layers"] = layer if stacked else [dict(layer) for _ in range(config.num_layers)]
-    return out

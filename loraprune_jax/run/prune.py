@@ -45,8 +45,8 @@ from ..parallel.mesh import (
     make_mesh,
     mesh_sizes,
     replicated,
-    shard_base,
 )
+from ..models.llama_params import shard_base
 from ..core.elements import apply_element_masks, nm_fraction
 from ..core.masks import num_to_prune
 from ..core.trees import count_params, excluded_layers

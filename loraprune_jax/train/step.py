@@ -17,21 +17,13 @@ import optax
 from jax.sharding import Mesh
 
 from ..config import PROJECTIONS, LlamaConfig, LoraConfig, PruneConfig, TrainConfig
-from ..models.llama import loss as model_loss
-from ..parallel.mesh import (
-    DEFAULT_RULES,
-    Rules,
-    activation_sharding,
-    base_layout,
-    batch_sharding,
-    check_widths,
-    param_shardings,
-    replicated,
-)
 from ..core.criteria import element_scores, gate_statistic, is_gate_criterion
 from ..core.gates import init_gates
 from ..core.importance import ema_update
+from ..models.llama import loss as model_loss
+from ..models.llama_params import base_shardings, check_widths
 from ..models.llama_pruning import layer_scores, stats_by_path
+from ..parallel.mesh import DEFAULT_RULES, Rules, activation_sharding, batch_sharding, replicated
 
 Array = jax.Array
 State = dict[str, Any]  # {"lora", "opt_state", "scores", "step"}
@@ -135,7 +127,7 @@ def make_train_step(
     returned untraced (for inspection); otherwise it is jitted with the state donated.
 
     With a ``mesh`` the step is compiled for it: the base is expected sharded by ``rules``
-    (:func:`~loraprune_jax.parallel.mesh.shard_base`; ``stacked`` layers, by default when the
+    (:func:`~loraprune_jax.models.llama_params.shard_base`; ``stacked`` layers, by default when the
     widths are uniform), the batch split over ``data`` x ``fsdp``, and the state, masks, key,
     scores and metrics replicated. Group scores are reduced from the sharded weights and
     gradients inside the step, so only the small vectors are replicated.
@@ -262,10 +254,9 @@ def make_train_step(
     if mesh is None:
         return jax.jit(step, donate_argnums=donate_argnums)
     rep = replicated(mesh)
-    layout = base_layout(config, config.is_uniform if stacked is None else stacked)
     return jax.jit(
         step,
-        in_shardings=(rep, param_shardings(layout, mesh, rules), rep,
+        in_shardings=(rep, base_shardings(config, mesh, rules, stacked), rep,
                       batch_sharding(mesh, 3, 1, rules), rep),
         out_shardings=(rep, rep),
         donate_argnums=donate_argnums,
