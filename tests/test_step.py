@@ -189,8 +189,10 @@ def test_element_scores_ema_inside_the_step(stacked):
     grads = jax.tree.map(lambda g: g * (0.01 / (norm + 1e-6)), grads)
     for i in range(cfg.num_layers):
         pick = (lambda t: jax.tree.map(lambda x: x[i], t)) if stacked else (lambda t: t[i])
-        want = element_scores("lora", pick(base["layers"]), pick(lora["layers"]), scale=LC.scale,
+        want = element_scores("lora", pick(base["layers"]), pick(lora["layers"]),
+                              [(n,) for n in LC.targets], scale=LC.scale,
                               lora_grads=pick(grads["layers"]))
+        want = {path[0]: s for path, s in want.items()}
         got = pick(state["scores"]["layers"])
         assert set(got) == set(LC.targets)
         for name in got:

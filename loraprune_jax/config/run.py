@@ -8,6 +8,7 @@ import dataclasses
 from typing import Any
 
 from ..core.criteria import CRITERIA, GATE_CRITERIA, REGISTRY, criteria_given
+from ..core.masks import ALLOCATIONS
 from .model import _DTYPES, LoraConfig
 
 
@@ -63,7 +64,7 @@ class PruneConfig:
             raise ValueError(f"unknown criterion {self.criterion!r}; choose from {', '.join(CRITERIA)}")
         if self.power not in (1, 2):
             raise ValueError(f"power must be 1 or 2, got {self.power}")
-        if self.allocation not in ("uniform", "global"):
+        if self.allocation not in ALLOCATIONS:
             raise ValueError(f"allocation must be 'uniform' or 'global', got {self.allocation!r}")
         if self.ema_beta is not None and (
                 isinstance(self.ema_beta, bool) or not isinstance(self.ema_beta, (int, float))

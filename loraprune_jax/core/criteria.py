@@ -62,8 +62,10 @@ class Weight:
 class Criterion:
     """One criterion: what it needs, and how it scores a weight (``element``: None when the weight
     does not vote, e.g. a bias) or a layer's groups directly (``groups``, for ``random``), or how
-    one micro-batch's gate gradients become scores (``gate_statistic``). ``rank`` maps the moving
-    average to what masks are ranked by; ``ema_beta`` is its default decay."""
+    one micro-batch's gate gradients become scores (``gate_statistic``, homogeneous of degree
+    ``gate_power`` in the gradients, so a mean over micro-batches divides by ``accum**gate_power``).
+    ``rank`` maps the moving average to what masks are ranked by; ``ema_beta`` is its default
+    decay."""
 
     name: str
     summary: str
@@ -73,6 +75,7 @@ class Criterion:
     gate_statistic: Callable[[Any], Any] | None = None
     rank: Callable[[Array], Array] | None = None
     ema_beta: float = 0.9
+    gate_power: int = 1
 
     @property
     def gated(self) -> bool:
@@ -124,7 +127,8 @@ REGISTRY: dict[str, Criterion] = {c.name: c for c in (
     Criterion("wanda", "merged weight x L2 norm of its input feature",
               frozenset({"input_stats"}), element=_wanda),
     Criterion("fisher", "empirical Fisher: sum over examples of squared gate gradients",
-              frozenset({"gates"}), gate_statistic=_gates.fisher_statistic, ema_beta=0.99),
+              frozenset({"gates"}), gate_statistic=_gates.fisher_statistic, ema_beta=0.99,
+              gate_power=2),
     Criterion("taylor", "first-order Taylor: signed gate gradient, ranked by magnitude",
               frozenset({"gates"}), gate_statistic=_gates.taylor_statistic, rank=jnp.abs,
               ema_beta=0.99),

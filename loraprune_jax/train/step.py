@@ -17,7 +17,7 @@ import optax
 from jax.sharding import Mesh
 
 from ..config import PROJECTIONS, LlamaConfig, LoraConfig, PruneConfig, TrainConfig
-from ..core.criteria import element_scores, gate_statistic, is_gate_criterion
+from ..core.criteria import element_scores, gate_statistic, get_criterion
 from ..core.gates import init_gates
 from ..core.importance import ema_update
 from ..models.llama import loss as model_loss
@@ -138,17 +138,19 @@ def make_train_step(
     masked projections instead of group scores.
     """
     criterion = prune_cfg.criterion
+    spec = get_criterion(criterion)
     element = prune_cfg.element_wise
-    gated = is_gate_criterion(criterion)
+    gated = spec.gated
+    vanilla = "weight_grads" in spec.needs  # it differentiates the frozen projection weights
     if gated and element:
         raise ValueError(f"criterion {criterion!r} scores groups; it needs structured masks")
     optimizer = make_optimizer(train_cfg)
     scale = lora_cfg.scale
-    want_stats = criterion == "wanda"
+    want_stats = "input_stats" in spec.needs
 
     def loss_fn(lora: Any, extra: Any, base: Any, masks: Any, micro: Any, key: Array):
         # extra: the projection weights (vanilla) or the group gates (fisher, taylor)
-        weights = extra if criterion == "vanilla" else None
+        weights = extra if vanilla else None
         gates = extra if gated else None
         if weights is not None:
             base = _with_projection_weights(base, weights)
@@ -159,7 +161,7 @@ def make_train_step(
         )
         return out if want_stats else (out, None)
 
-    argnums = (0, 1) if criterion == "vanilla" or gated else 0
+    argnums = (0, 1) if vanilla or gated else 0
     grad_fn = jax.value_and_grad(loss_fn, argnums=argnums, has_aux=True)
 
     def step(state: State, base: Any, masks: Any, batch: dict[str, Array], key: Array):
@@ -168,7 +170,7 @@ def make_train_step(
         step_key = jax.random.fold_in(key, state["step"])
         drop_key, score_key = jax.random.split(step_key)
         extra = None
-        if criterion == "vanilla":
+        if vanilla:
             extra = _projection_weights(base)
         elif gated:  # equal to the masks, one per example: forward and LoRA grads unchanged
             extra = init_gates(masks, batch["tokens"].shape[1])
@@ -199,7 +201,7 @@ def make_train_step(
             weight_grads = None
         else:
             mean = jax.tree.map(lambda g: g / accum, grad_sum)
-            lora_grads, weight_grads = mean if criterion == "vanilla" else (mean, None)
+            lora_grads, weight_grads = mean if vanilla else (mean, None)
         lora_grads, grad_norm, clip = clip_by_global_norm(lora_grads, train_cfg.clip_norm)
         if weight_grads is not None:  # kept in the weights' dtype: no f32 copy of a bf16 model
             weight_grads = jax.tree.map(lambda g: g * clip.astype(g.dtype), weight_grads)
@@ -228,8 +230,7 @@ def make_train_step(
 
         keys = layer_keys if isinstance(layers, dict) else list(layer_keys)
         if gated:  # already one score per group, from the gates; no per-module normalisation
-            power = 1 if criterion == "taylor" else 2
-            new_scores = jax.tree.map(lambda g: g / accum**power, gate_sum)
+            new_scores = jax.tree.map(lambda g: g / accum**spec.gate_power, gate_sum)
         else:
             new_scores = {"layers": _map_layers(
                 one_layer, layers, lora["layers"], lora_grads["layers"],
