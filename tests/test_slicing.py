@@ -14,7 +14,7 @@ from loraprune_jax.models.llama_params import check_base, init_base, stack_layer
 from loraprune_jax.models.lora import init_lora
 from loraprune_jax.core.groups import Coupling, GroupKind
 from loraprune_jax.core.lora import merge_pairs
-from loraprune_jax.core.slicing import kept_groups, slice_declared, slice_params
+from loraprune_jax.core.slicing import apply_masks, kept_groups, slice_declared, slice_params
 from loraprune_jax.core.trees import count_params
 from loraprune_jax.models.llama_pruning import init_masks, llama_declaration, slice_and_merge
 
@@ -262,3 +262,31 @@ def test_declared_slicing_errors():
     bad = [{"h": GroupKind(4, decl[0]["h"].couplings)}, decl[1]]
     with pytest.raises(ValueError, match="the declaration 4 x 2"):
         slice_params(params, bad, [{"h": np.arange(4)}, {"h": np.arange(8)}])
+
+
+def test_apply_masks_equals_gating_the_forward_pass():
+    """Zeroing the declared weights (and the LoRA side that follows them) gives the model whose
+    forward pass gates the groups, without touching that forward pass; pruned entries get no
+    gradient."""
+    params, lora, decl = _toy()
+    masks = {"layers": [{"h": jnp.array([1.0, 0.0, 1.0])}, {"h": jnp.array([0, 1, 1, 0, 1, 1, 1, 0.0])}]}
+    x = jax.random.normal(jax.random.PRNGKey(9), (4, 5))
+    zeroed, zeroed_lora = apply_masks(params, masks, decl, lora)
+    np.testing.assert_allclose(_toy_forward(zeroed, x, zeroed_lora), _toy_forward(params, x, lora, masks),
+                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(zeroed["blocks"][0]["w"][..., 2:4], 0.0)  # group 1: width 2
+    np.testing.assert_array_equal(zeroed_lora["blocks"][0]["w"]["b"][:, 2:4], 0.0)  # B follows
+    np.testing.assert_array_equal(zeroed_lora["blocks"][1]["w"]["a"][2:4], 0.0)  # A follows input rows
+    np.testing.assert_array_equal(np.asarray(zeroed["head"])[[0, 3, 7]], 0.0)
+    assert params["blocks"][0]["w"].shape == (1, 1, 5, 6) and float(jnp.abs(params["head"][0]).sum()) > 0
+
+    def loss(lo):
+        p, l = apply_masks(params, masks, decl, lo)
+        return jnp.sum(_toy_forward(p, x, l) ** 2)
+
+    g = jax.grad(loss)(lora)
+    np.testing.assert_array_equal(g["blocks"][0]["w"]["b"][:, 2:4], 0.0)
+    with pytest.raises(ValueError, match=r"masks layer 1 'h': expected shape \(8,\), got \(3,\)"):
+        apply_masks(params, {"layers": [masks["layers"][0], {"h": jnp.ones(3)}]}, decl, lora)
+    with pytest.raises(ValueError, match="masks have 1 layers, the declaration 2"):
+        apply_masks(params, {"layers": masks["layers"][:1]}, decl)

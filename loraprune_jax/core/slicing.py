@@ -10,13 +10,13 @@ rounding. Works for any parameter tree and LoRA naming (``core.lora.LoraLayout``
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .groups import Declaration, expand_mask
+from .groups import Coupling, Declaration, expand_mask
 from .lora import OURS, LoraLayout, merge_pairs
 from .trees import at_path, fresh, set_at_path, unstack
 
@@ -59,6 +59,32 @@ def _take(x: Any, idx: np.ndarray, axis: int) -> Any:
     return np.take(x, idx, axis=axis) if isinstance(x, np.ndarray) else jnp.take(x, idx, axis=axis)
 
 
+def _rewrite(params: Any, lora: Any, declaration: Declaration, layout: LoraLayout,
+             along: Callable[[int, str, Any, Coupling, Any, int], Any]) -> tuple[Any, Any]:
+    """Fresh ``(params, lora)`` with every coupled weight, and the side of its LoRA pair that
+    follows the coupling axis (``B``'s columns for the output axis, ``A`` along the same axis
+    otherwise), replaced by ``along(layer, kind, group_kind, coupling, array, axis)``. ``lora``
+    may be ``params`` itself (flax.nnx keeps the pairs beside the kernels)."""
+    same = lora is params
+    params = fresh(params)
+    lora = params if same else fresh(lora)
+    for i, kinds in enumerate(declaration):
+        for kind, g in kinds.items():
+            for c in g.couplings:
+                w = at_path(params, c.path)
+                axis = c.axis % w.ndim
+                if w.shape[axis] != g.size * c.width:
+                    raise ValueError(f"layer {i} {kind!r}: {c.path} has {w.shape[axis]} entries "
+                                     f"on axis {c.axis}, the declaration {g.size} x {c.width}")
+                set_at_path(params, c.path, along(i, kind, g, c, w, axis))
+                pair_path = layout.pair_path(c.path) if lora is not None else None
+                pair = at_path(lora, pair_path, None) if pair_path is not None else None
+                if isinstance(pair, dict) and layout.a in pair:
+                    side, pair_axis = (layout.b, -1) if axis == w.ndim - 1 else (layout.a, axis)
+                    pair[side] = along(i, kind, g, c, pair[side], pair_axis)
+    return params, lora
+
+
 def slice_params(params: Any, declaration: Declaration, kept: list[dict[str, np.ndarray]],
                  lora: Any = None, layout: LoraLayout = OURS) -> tuple[Any, Any]:
     """Cut every coupled weight down to its kept groups: ``(params, lora)`` sliced (not merged).
@@ -68,26 +94,11 @@ def slice_params(params: Any, declaration: Declaration, kept: list[dict[str, np.
     are not modified; numpy arrays stay numpy (sliced on the host). ``lora`` may be ``params``
     itself when the pairs live inside it (flax.nnx): the pairs are then sliced in the result.
     """
-    same = lora is params
-    params = fresh(params)
-    lora = params if same else fresh(lora)
-    for layer, kinds in enumerate(declaration):
-        for kind, g in kinds.items():
-            ids = kept[layer][kind]
-            for c in g.couplings:
-                w = at_path(params, c.path)
-                axis = c.axis % w.ndim
-                if w.shape[axis] != g.size * c.width:
-                    raise ValueError(f"layer {layer} {kind!r}: {c.path} has {w.shape[axis]} entries "
-                                     f"on axis {c.axis}, the declaration {g.size} x {c.width}")
-                idx = (ids[:, None] * c.width + np.arange(c.width)[None, :]).reshape(-1)
-                set_at_path(params, c.path, _take(w, idx, axis))
-                pair_path = layout.pair_path(c.path) if lora is not None else None
-                pair = at_path(lora, pair_path, None) if pair_path is not None else None
-                if isinstance(pair, dict) and layout.a in pair:
-                    side, pair_axis = (layout.b, -1) if axis == w.ndim - 1 else (layout.a, axis)
-                    pair[side] = _take(pair[side], idx, pair_axis)
-    return params, lora
+    def take(i: int, kind: str, g: Any, c: Coupling, x: Any, axis: int) -> Any:
+        idx = (kept[i][kind][:, None] * c.width + np.arange(c.width)[None, :]).reshape(-1)
+        return _take(x, idx, axis)
+
+    return _rewrite(params, lora, declaration, layout, take)
 
 
 def slice_declared(params: Any, lora: Any, masks: Any, declaration: Declaration, scale: float,
@@ -112,9 +123,6 @@ def apply_masks(params: Any, masks: Any, declaration: Declaration, lora: Any = N
     a nonlinearity ``f`` with ``f(0) != 0`` between a zeroed producer and an undeclared consumer.
     Such models need the masks in their forward pass (as ``models.llama`` takes them).
     """
-    same = lora is params
-    params = fresh(params)
-    lora = params if same else fresh(lora)
     mask_layers = unstack(masks)["layers"]
     if len(mask_layers) != len(declaration):
         raise ValueError(f"masks have {len(mask_layers)} layers, the declaration {len(declaration)}")
@@ -122,22 +130,14 @@ def apply_masks(params: Any, masks: Any, declaration: Declaration, lora: Any = N
         for kind, g in kinds.items():
             if kind not in mask_layers[i]:
                 raise ValueError(f"masks layer {i} lacks the group kind {kind!r}")
-            m = mask_layers[i][kind]
-            if tuple(m.shape) != (g.size,):
-                raise ValueError(f"masks layer {i} {kind!r}: expected shape ({g.size},), got {tuple(m.shape)}")
-            for c in g.couplings:
-                w = at_path(params, c.path)
-                axis = c.axis % w.ndim
-                if w.shape[axis] != g.size * c.width:
-                    raise ValueError(f"layer {i} {kind!r}: {c.path} has {w.shape[axis]} entries "
-                                     f"on axis {c.axis}, the declaration {g.size} x {c.width}")
-                set_at_path(params, c.path, _scale_axis(w, expand_mask(m, c.width), axis))
-                pair_path = layout.pair_path(c.path) if lora is not None else None
-                pair = at_path(lora, pair_path, None) if pair_path is not None else None
-                if isinstance(pair, dict) and layout.a in pair:
-                    side, pair_axis = (layout.b, -1) if axis == w.ndim - 1 else (layout.a, axis)
-                    pair[side] = _scale_axis(pair[side], expand_mask(m, c.width), pair_axis)
-    return params, lora
+            if tuple(mask_layers[i][kind].shape) != (g.size,):
+                raise ValueError(f"masks layer {i} {kind!r}: expected shape ({g.size},), "
+                                 f"got {tuple(mask_layers[i][kind].shape)}")
+
+    def zero(i: int, kind: str, g: Any, c: Coupling, x: Any, axis: int) -> Any:
+        return _scale_axis(x, expand_mask(mask_layers[i][kind], c.width), axis)
+
+    return _rewrite(params, lora, declaration, layout, zero)
 
 
 def _scale_axis(x: Any, v: Any, axis: int) -> Any:
