@@ -135,6 +135,34 @@ def test_run_on_a_mesh_equals_one_device(tiny_run_inputs, tmp_path):
 
 
 @pytest.mark.slow
+def test_int8_base_run_on_a_mesh_equals_one_device_and_exports_what_it_reports(tiny_run_inputs,
+                                                                               tmp_path):
+    root = tiny_run_inputs
+    extra = {"train.steps": 6, "prune.ratio": 0.5, "lora.dropout": 0.0, "base_dtype": "int8"}
+    one = run_prune(config_for(root, tmp_path / "one", **extra), progress=False, log=lambda s: None)
+    many = run_prune(config_for(root, tmp_path / "many", mesh="fsdp:2", **extra),
+                     progress=False, log=lambda s: None)
+    dense = run_prune(config_for(root, tmp_path / "dense", **{**extra, "base_dtype": "null"}),
+                      progress=False, log=lambda s: None)
+    assert one["base_dtype"] == "int8" and dense["base_dtype"] is None
+    assert one["params_before"] == dense["params_before"]  # parameters, not scales
+    np.testing.assert_allclose([h["loss"] for h in many["history"]],
+                               [h["loss"] for h in one["history"]], rtol=1e-5)
+    spec = str(root / "eval.txt")
+    assert many["ppl_after"][spec] == pytest.approx(one["ppl_after"][spec], rel=1e-5)
+    # 8 bits cost little: the dense perplexity moves by well under 1%
+    assert one["ppl_before"][spec] == pytest.approx(dense["ppl_before"][spec], rel=1e-2)
+    assert one["ppl_before"][spec] != dense["ppl_before"][spec]
+    # the export holds the dequantized, sliced, merged weights whose perplexity was reported
+    cfg, base, tok = load_hf_dir(tmp_path / "one" / "model")
+    ids = tokenize_join([(root / "eval.txt").read_text()], tok)
+    every = windows(ids, 32)
+    win = every[np.linspace(0, len(every) - 1, 6).round().astype(int)]
+    res = perplexity(base, cfg, win.reshape(-1), 32, progress=False)
+    assert res.ppl == pytest.approx(one["ppl_after"][spec], rel=1e-5)
+
+
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_result(tiny_run_inputs, tmp_path):
     root = tiny_run_inputs
     args = dict(**{"train.steps": 40, "checkpoint_every": 5})

@@ -2,7 +2,7 @@
 model shapes (``config.model``) and runs (``config.run``)."""
 
 from ..core.criteria import CRITERIA, GATE_CRITERIA
-from .model import PROJECTIONS, LlamaConfig, LoraConfig, default_dtype
+from .model import BASE_DTYPES, PROJECTIONS, LlamaConfig, LoraConfig, check_base_dtype, default_dtype
 from .run import (
     DECLARED_CRITERIA,
     EMA_BETA,
@@ -16,6 +16,6 @@ from .run import (
     parse_nm,
 )
 
-__all__ = ["CRITERIA", "DECLARED_CRITERIA", "EMA_BETA", "GATE_CRITERIA", "GATE_EMA_BETA",
+__all__ = ["BASE_DTYPES", "CRITERIA", "DECLARED_CRITERIA", "EMA_BETA", "GATE_CRITERIA", "GATE_EMA_BETA",
            "GRANULARITIES", "PROJECTIONS", "VISION_MODELS", "ClassifierConfig", "LlamaConfig",
-           "LoraConfig", "PruneConfig", "RunConfig", "TrainConfig", "default_dtype", "parse_nm"]
+           "LoraConfig", "PruneConfig", "RunConfig", "TrainConfig", "check_base_dtype", "default_dtype", "parse_nm"]

@@ -236,6 +236,15 @@ class LoraConfig:
 
 
 PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
+# what a frozen base's projections may be stored as besides the compute dtype (models.quant)
+BASE_DTYPES = ("int8",)
+
+
+def check_base_dtype(base_dtype: str | None) -> None:
+    """Raise ``ValueError`` naming the accepted values of ``base_dtype``."""
+    if base_dtype is not None and base_dtype not in BASE_DTYPES:
+        raise ValueError(f"base_dtype must be one of {', '.join(BASE_DTYPES)} or unset (the "
+                         f"compute dtype), got {base_dtype!r}")
 
 
 def default_dtype() -> str:

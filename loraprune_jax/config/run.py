@@ -9,7 +9,7 @@ from typing import Any
 
 from ..core.criteria import CRITERIA, GATE_CRITERIA, REGISTRY, criteria_given
 from ..core.masks import ALLOCATIONS
-from .model import _DTYPES, LoraConfig
+from .model import _DTYPES, LoraConfig, check_base_dtype
 
 
 EMA_BETA = REGISTRY["lora"].ema_beta  # the paper's moving average of the scores
@@ -158,6 +158,7 @@ class RunConfig:
     eval_max_windows: int | None = 64  # per text, evenly spaced; None: every window
     out: str = ""  # output directory (must not exist); empty: runs/<model>-<criterion>-<ratio>-<time>
     dtype: str | None = None  # None: float32 on CPU, bfloat16 on GPU/TPU
+    base_dtype: str | None = None  # "int8": the frozen projections in 8 bits (models.quant)
     checkpoint_every: int = 50
     log_every: int = 10
     mesh: str = "auto"  # device mesh "data:A,fsdp:B,tensor:C" (-1 fills); auto: fsdp over what the batch splits
@@ -170,6 +171,7 @@ class RunConfig:
         object.__setattr__(self, "eval_texts", tuple(self.eval_texts))
         if self.dtype is not None and self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        check_base_dtype(self.base_dtype)
         if self.eval_seq_len < 2:
             raise ValueError(f"eval_seq_len must be at least 2, got {self.eval_seq_len}")
         if self.eval_max_windows is not None and self.eval_max_windows < 1:

@@ -13,8 +13,9 @@ Base tree (kernels in Flax layout ``(in, out)``)::
                  "o": (H*hd, D), "mlp_norm": (D,), "gate": (D, F), "up": (D, F),
                  "down": (F, D)}, ...]}
 
-Shapes, stacking and the ``flax.nnx`` module live in ``models.llama_params``, the attention
-primitives in ``models.attention``.
+The seven projections may be int8 with per-channel scales (``models.quant``), dequantized where
+each is used. Shapes, stacking and the ``flax.nnx`` module live in ``models.llama_params``, the
+attention primitives in ``models.attention``.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from ..core.dropout import dropout as apply_dropout
 from ..core.lora import lora_linear
 from ..parallel.mesh import constrain
 from .attention import apply_rope, causal_attention, rms_norm, rope_tables
+from .quant import dequantize
 
 _ACT = ("batch", "seq", "embed")  # logical axes of the hidden states between blocks
 
@@ -189,9 +191,10 @@ def _block(
 
     def proj(name: str, inp: Array, k: Array | None) -> Array:
         pair = adapters.get(name) if adapters else None
+        w = dequantize(layer[name], inp.dtype)  # an int8 base (models.quant): dequantized here
         if element is not None and name in element:
-            return masked_lora_linear(inp, layer[name], pair, element[name], scale, dropout, k)
-        return lora_linear(inp, layer[name], pair, scale, dropout, k)
+            return masked_lora_linear(inp, w, pair, element[name], scale, dropout, k)
+        return lora_linear(inp, w, pair, scale, dropout, k)
 
     if heads > 0:
         h, q, k, v = attention_inputs(x, layer, mask, cos, sin, config, proj, keys[:3])

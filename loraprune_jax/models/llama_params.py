@@ -11,10 +11,11 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh
 
-from ..config import LlamaConfig, LoraConfig
+from ..config import PROJECTIONS, LlamaConfig, LoraConfig
 from ..core.trees import unstack
 from ..parallel.mesh import DEFAULT_RULES, Rules, check_divisible, param_shardings, place_tree
 from .llama import forward
+from .quant import QTYPE, QArray, check_base_dtype, is_quantized
 
 Array = jax.Array
 LAYER_KEYS = ("attn_norm", "q", "k", "v", "o", "mlp_norm", "gate", "up", "down")
@@ -191,21 +192,33 @@ TOP_AXES: dict[str, tuple[str, ...]] = {
 }
 
 
+def _axes_of(axes: tuple[str, ...], leaf: Any) -> Any:
+    """A leaf's logical axes; for an int8 weight a ``QArray`` of its values' axes and its
+    scales' (one per output channel: the input axis becomes ``unit``, of size one)."""
+    if not is_quantized(leaf):
+        return axes
+    return QArray(axes, axes[:-2] + ("unit", axes[-1]), None, QTYPE)
+
+
 def logical_axes(base: dict[str, Any]) -> dict[str, Any]:
-    """A tree like ``base`` (list or stacked layers; leaves may be ``None``) whose leaves are
-    tuples of logical axis names."""
+    """A tree like ``base`` (list or stacked layers; leaves may be ``None``, int8 weights
+    ``QArray`` nodes) whose leaves are tuples of logical axis names."""
     out: dict[str, Any] = {k: TOP_AXES[k] for k in base if k != "layers"}
     layers = base["layers"]
     if isinstance(layers, dict):
-        out["layers"] = {k: ("layers",) + LAYER_AXES[k] for k in layers}
+        out["layers"] = {k: _axes_of(("layers",) + LAYER_AXES[k], v) for k, v in layers.items()}
     else:
-        out["layers"] = [{k: LAYER_AXES[k] for k in layer} for layer in layers]
+        out["layers"] = [{k: _axes_of(LAYER_AXES[k], v) for k, v in layer.items()}
+                         for layer in layers]
     return out
 
 
-def base_layout(config: LlamaConfig, stacked: bool) -> dict[str, Any]:
-    """The key structure of a base tree for ``config`` (leaves ``None``), for shardings."""
-    layer = {k: None for k in LAYER_AXES}
+def base_layout(config: LlamaConfig, stacked: bool, base_dtype: str | None = None) -> dict[str, Any]:
+    """The key structure of a base tree for ``config`` (leaves ``None``; with ``base_dtype``
+    ``"int8"`` the projections are ``QArray`` nodes), for shardings."""
+    check_base_dtype(base_dtype)
+    quantized = QArray(None, None, None, QTYPE) if base_dtype == "int8" else None
+    layer = {k: quantized if k in PROJECTIONS else None for k in LAYER_AXES}
     out: dict[str, Any] = {"embed": None, "final_norm": None}
     if not config.tie_word_embeddings:
         out["lm_head"] = None
@@ -214,11 +227,11 @@ def base_layout(config: LlamaConfig, stacked: bool) -> dict[str, Any]:
 
 
 def base_shardings(config: LlamaConfig, mesh: Mesh, rules: Rules = DEFAULT_RULES,
-                   stacked: bool | None = None) -> dict[str, Any]:
+                   stacked: bool | None = None, base_dtype: str | None = None) -> dict[str, Any]:
     """``NamedSharding`` of every base parameter for ``config`` on ``mesh`` (stacked layers by
-    default when the widths are uniform)."""
+    default when the widths are uniform; ``base_dtype="int8"``: the int8 values and scales)."""
     stacked = config.is_uniform if stacked is None else stacked
-    return param_shardings(logical_axes(base_layout(config, stacked)), mesh, rules)
+    return param_shardings(logical_axes(base_layout(config, stacked, base_dtype)), mesh, rules)
 
 
 def check_widths(config: LlamaConfig, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> None:
@@ -247,6 +260,6 @@ def shard_base(base: dict[str, Any], config: LlamaConfig, mesh: Mesh, rules: Rul
     check_widths(config, mesh, rules)
     stacked = config.is_uniform if stacked is None else stacked
     layers = base["layers"]
-    shape = {**base, "layers": dict.fromkeys(layers[0]) if stacked and isinstance(layers, list)
+    shape = {**base, "layers": dict(layers[0]) if stacked and isinstance(layers, list)
              else layers}
     return place_tree(base, logical_axes(shape), mesh, rules, stacked=stacked, dtype=dtype)

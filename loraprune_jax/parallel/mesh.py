@@ -36,6 +36,7 @@ DEFAULT_RULES: Rules = (
     ("kv_heads", "tensor"),
     ("mlp", "tensor"),
     ("norm", None),
+    ("unit", None),  # an axis of size one (e.g. the input axis of per-channel scales)
     ("layers", None),
     ("seq", None),
 )
@@ -250,26 +251,48 @@ def place_tree(host: dict[str, Any], axes: dict[str, Any], mesh: Mesh, rules: Ru
     building the whole stacked array on the host: each device's shard is read from the
     per-layer arrays. ``dtype`` casts each shard as it is read.
     """
-    cast = (lambda x: x) if dtype is None else (lambda x: x.astype(dtype))
     shardings = param_shardings(axes, mesh, rules)
 
-    def put(x: Any, sharding: NamedSharding) -> jax.Array:
-        return jax.make_array_from_callback(x.shape, sharding, lambda idx: cast(np.asarray(x[idx])))
+    def leaf(x: Any, sharding: NamedSharding, cast: Any) -> jax.Array:
+        def read(idx: tuple[slice, ...]) -> np.ndarray:
+            part = np.asarray(x[idx])
+            return part if cast is None else part.astype(cast)
+
+        return jax.make_array_from_callback(x.shape, sharding, read)
+
+    def stacked_leaf(per_layer: list[Any], sharding: NamedSharding, cast: Any) -> jax.Array:
+        def read(idx: tuple[slice, ...]) -> np.ndarray:
+            rows = range(len(per_layer))[idx[0]]
+            part = np.stack([np.asarray(per_layer[i][idx[1:]]) for i in rows])
+            return part if cast is None else part.astype(cast)
+
+        return jax.make_array_from_callback((len(per_layer),) + tuple(per_layer[0].shape),
+                                            sharding, read)
+
+    # A sharding subtree is one NamedSharding, or a node of several (a quantized weight's values
+    # and scales), whose arrays are placed as they are: ``dtype`` casts plain leaves only.
+    def is_one(s: Any) -> bool:
+        return not isinstance(s, (dict, list, tuple))
+
+    def put(sharding: Any, x: Any) -> Any:
+        if isinstance(sharding, NamedSharding):
+            return leaf(x, sharding, dtype)
+        return jax.tree.map(lambda s, v: leaf(v, s, None), sharding, x)
 
     layers = host.get("layers")
     if not (stacked and isinstance(layers, list)):
-        return jax.tree.map(put, host, shardings)
-    out = {k: put(v, shardings[k]) for k, v in host.items() if k != "layers"}
+        return jax.tree.map(put, shardings, host, is_leaf=is_one)
+    out = {k: jax.tree.map(put, shardings[k], v, is_leaf=is_one)
+           for k, v in host.items() if k != "layers"}
     stacked_layers = {}
     for name in layers[0]:
+        sharding = shardings["layers"][name]
         per_layer = [layer[name] for layer in layers]
-        shape = (len(per_layer),) + tuple(per_layer[0].shape)
-
-        def read(idx: tuple[slice, ...], per_layer: list[Any] = per_layer) -> np.ndarray:
-            rows = range(len(per_layer))[idx[0]]
-            return cast(np.stack([np.asarray(per_layer[i][idx[1:]]) for i in rows]))
-
-        stacked_layers[name] = jax.make_array_from_callback(shape, shardings["layers"][name], read)
+        if isinstance(sharding, NamedSharding):
+            stacked_layers[name] = stacked_leaf(per_layer, sharding, dtype)
+        else:
+            stacked_layers[name] = jax.tree.map(lambda s, *xs: stacked_leaf(list(xs), s, None),
+                                                sharding, *per_layer)
     out["layers"] = stacked_layers
     return out
 

@@ -47,6 +47,7 @@ from ..parallel.mesh import (
     replicated,
 )
 from ..models.llama_params import shard_base
+from ..models.quant import dequantize_base_host, quantize_base
 from ..core.elements import apply_element_masks, nm_fraction
 from ..core.masks import num_to_prune
 from ..core.trees import count_params, excluded_layers
@@ -84,10 +85,14 @@ class PreparedRun:
         if cfg.prune.granularity == "nm":
             check_nm_widths(self.config, self.masked, *cfg.prune.nm_pattern, excluded=self.excluded)
         self._check_final_widths()
+        self.params = count_params(host)  # before quantizing: parameters, not scales
+        if cfg.base_dtype == "int8":  # scales now; each device's int8 slice as it is placed
+            host = quantize_base(host, lazy=True)
         self.host_base = host  # list layout, numpy: sliced on the host at the end
         self.base = shard_base(host, self.config, self.mesh)  # stacked when widths are uniform
+        stored = "" if cfg.base_dtype is None else f", projections {cfg.base_dtype}"
         log(f"loaded {cfg.model}: {self.config.num_params() / 1e6:.1f}M parameters "
-            f"({self.config.dtype}) in {time.perf_counter() - t0:.1f}s on mesh "
+            f"({self.config.dtype}{stored}) in {time.perf_counter() - t0:.1f}s on mesh "
             f"{describe(self.mesh)} ({jax.process_count()} process(es))")
         self.schedule = make_schedule(cfg)  # validates steps/calibration before anything runs
         self.batch_sharding = batch_sharding(self.mesh)
@@ -186,7 +191,8 @@ def run_prune(
         return init_state(lora, masks, t), masks
 
     state, masks = fresh_state()  # created on the mesh, replicated
-    step_fn = make_train_step(config, cfg.lora, t, cfg.prune, mesh=mesh, stacked=stacked)
+    step_fn = make_train_step(config, cfg.lora, t, cfg.prune, mesh=mesh, stacked=stacked,
+                              base_dtype=cfg.base_dtype)
     key = global_array(np.asarray(jax.random.PRNGKey(t.seed + 1)), rep)
 
     distributed.barrier("loraprune-checked")  # every process has seen `out` absent
@@ -221,16 +227,18 @@ def run_prune(
 
     # Slice and merge on the host (numpy), then place the smaller model on the mesh to evaluate.
     # Weight masks: merge LoRA and zero the masked weights instead; the model keeps its shape.
+    # An int8 base is dequantized first: the export holds the weights the adapters trained on.
     t0 = time.perf_counter()
     lora, host_masks = host_tree(state["lora"]), host_tree(masks)
+    host_base = dequantize_base_host(run.host_base, config.jnp_dtype)
     if element:
         small_cfg = config
-        merged = merge_lora(run.host_base, unstack_layers(lora), cfg.lora)
+        merged = merge_lora(host_base, unstack_layers(lora), cfg.lora)
         small = apply_element_masks(merged, unstack_layers(host_masks))
         del merged
         log(f"merged and zeroed the masked weights on the host in {time.perf_counter() - t0:.1f}s")
     else:
-        small, small_cfg = slice_and_merge(run.host_base, lora, host_masks, config, cfg.lora)
+        small, small_cfg = slice_and_merge(host_base, lora, host_masks, config, cfg.lora)
         log(f"sliced and merged on the host in {time.perf_counter() - t0:.1f}s")
     after = run.evaluate(shard_base(small, small_cfg, mesh, stacked=False), small_cfg,
                          progress and primary, "after")
@@ -244,7 +252,7 @@ def run_prune(
         save_adapters(out / "adapters", lora, None if element else host_masks, cfg.lora, config,
                       overwrite=resume)
         log(f"exported the pruned model and the adapters in {time.perf_counter() - t0:.1f}s")
-    params_before = count_params(run.host_base)
+    params_before = run.params
     if element:
         sparsity = element_sparsity_report(host_masks, cfg, run.excluded, params_before)
         params_after = params_before - sparsity["zeros"]  # nonzero parameters; shapes unchanged
@@ -262,6 +270,7 @@ def run_prune(
         "model": cfg.model,
         "criterion": cfg.prune.criterion,
         "granularity": cfg.prune.granularity,
+        "base_dtype": cfg.base_dtype,
         "ratio": cfg.prune.ratio,
         "steps": t.steps,
         "mesh": describe(mesh),

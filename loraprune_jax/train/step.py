@@ -23,6 +23,7 @@ from ..core.importance import ema_update
 from ..models.llama import loss as model_loss
 from ..models.llama_params import base_shardings, check_widths
 from ..models.llama_pruning import layer_scores, stats_by_path
+from ..models.quant import dequantize, dequantize_layer
 from ..parallel.mesh import DEFAULT_RULES, Rules, activation_sharding, batch_sharding, replicated
 
 Array = jax.Array
@@ -87,10 +88,11 @@ def _map_layers(fn: Callable[..., Any], *trees: Any) -> Any:
 
 
 def _projection_weights(base: dict[str, Any]) -> dict[str, Any]:
-    layers = base["layers"]
+    """The projections vanilla differentiates: an int8 base's dequantized (its float ``W``)."""
+    layers, dtype = base["layers"], base["embed"].dtype
     if isinstance(layers, dict):
-        return {name: layers[name] for name in PROJECTIONS}
-    return [{name: layer[name] for name in PROJECTIONS} for layer in layers]
+        return {name: dequantize(layers[name], dtype) for name in PROJECTIONS}
+    return [{name: dequantize(layer[name], dtype) for name in PROJECTIONS} for layer in layers]
 
 
 def _with_projection_weights(base: dict[str, Any], weights: Any) -> dict[str, Any]:
@@ -111,6 +113,7 @@ def make_train_step(
     mesh: Mesh | None = None,
     rules: Rules = DEFAULT_RULES,
     stacked: bool | None = None,
+    base_dtype: str | None = None,
 ) -> Callable[..., tuple[State, dict[str, Array]]]:
     """Build ``step(state, base, masks, batch, key) -> (state, metrics)``.
 
@@ -130,7 +133,10 @@ def make_train_step(
     (:func:`~loraprune_jax.models.llama_params.shard_base`; ``stacked`` layers, by default when the
     widths are uniform), the batch split over ``data`` x ``fsdp``, and the state, masks, key,
     scores and metrics replicated. Group scores are reduced from the sharded weights and
-    gradients inside the step, so only the small vectors are replicated.
+    gradients inside the step, so only the small vectors are replicated. ``base_dtype="int8"``
+    says the base's projections are int8 (``models.quant``; needed for the mesh's shardings):
+    each is dequantized where it is used, the criteria read the dequantized ``W`` one layer at
+    a time, and ``vanilla`` differentiates the dequantized weights.
 
     With ``prune_cfg.granularity`` ``unstructured`` or ``nm`` the masks are weight-shaped
     (``models.llama_pruning.init_element_masks``) and the step keeps the moving average of the
@@ -216,6 +222,7 @@ def make_train_step(
             names = tuple(score_layers if isinstance(score_layers, dict) else score_layers[0])
 
         def one_layer(layer, adapters, grads, wgrads, stats, k):
+            layer = dequantize_layer(layer, base["embed"].dtype)  # criteria read the float W
             if element:
                 scored = element_scores(
                     criterion, layer, adapters, [(name,) for name in names], scale=scale,
@@ -257,7 +264,7 @@ def make_train_step(
     rep = replicated(mesh)
     return jax.jit(
         step,
-        in_shardings=(rep, base_shardings(config, mesh, rules, stacked), rep,
+        in_shardings=(rep, base_shardings(config, mesh, rules, stacked, base_dtype), rep,
                       batch_sharding(mesh, 3, 1, rules), rep),
         out_shardings=(rep, rep),
         donate_argnums=donate_argnums,
