@@ -30,6 +30,7 @@ from ..data.packing import spread_windows, tokenize_join
 from ..data.sharded import ShardedData
 from ..eval.perplexity import perplexity
 from ..io import export_hf, load_model, save_adapters
+from ..io.lazy import materialize
 from ..io.jsonfile import write_json
 from ..models.llama_params import unstack_layers
 from ..models.lora import init_lora, merge_lora
@@ -73,7 +74,7 @@ class PreparedRun:
                 f"devices (train.micro_batch_size={t.micro_batch_size} splits over no more)")
         t0 = time.perf_counter()
         self.config, host, self.tokenizer = load_model(
-            cfg.model, dtype=cfg.dtype or default_dtype(), as_numpy=True
+            cfg.model, dtype=cfg.dtype or default_dtype(), lazy=True
         )
         if self.tokenizer is None:
             raise ValueError(f"model {cfg.model} has no tokenizer files; cannot tokenize the data")
@@ -84,7 +85,9 @@ class PreparedRun:
         if cfg.prune.granularity == "nm":
             check_nm_widths(self.config, self.masked, *cfg.prune.nm_pattern, excluded=self.excluded)
         self._check_final_widths()
-        self.host_base = host  # list layout, numpy: sliced on the host at the end
+        # list layout, lazy leaves: each process reads its devices' shards from the files now,
+        # and whole tensors only at the end, to slice and merge on the host
+        self.host_base = host
         self.base = shard_base(host, self.config, self.mesh)  # stacked when widths are uniform
         log(f"loaded {cfg.model}: {self.config.num_params() / 1e6:.1f}M parameters "
             f"({self.config.dtype}) in {time.perf_counter() - t0:.1f}s on mesh "
@@ -223,15 +226,17 @@ def run_prune(
     # Weight masks: merge LoRA and zero the masked weights instead; the model keeps its shape.
     t0 = time.perf_counter()
     lora, host_masks = host_tree(state["lora"]), host_tree(masks)
+    host_base = materialize(run.host_base)  # read from the checkpoint, one tensor at a time
     if element:
         small_cfg = config
-        merged = merge_lora(run.host_base, unstack_layers(lora), cfg.lora)
+        merged = merge_lora(host_base, unstack_layers(lora), cfg.lora)
         small = apply_element_masks(merged, unstack_layers(host_masks))
         del merged
         log(f"merged and zeroed the masked weights on the host in {time.perf_counter() - t0:.1f}s")
     else:
-        small, small_cfg = slice_and_merge(run.host_base, lora, host_masks, config, cfg.lora)
+        small, small_cfg = slice_and_merge(host_base, lora, host_masks, config, cfg.lora)
         log(f"sliced and merged on the host in {time.perf_counter() - t0:.1f}s")
+    del host_base  # what the smaller model shares with it stays
     after = run.evaluate(shard_base(small, small_cfg, mesh, stacked=False), small_cfg,
                          progress and primary, "after")
     for spec, r in after.items():
