@@ -175,3 +175,22 @@ def test_placing_lazy_equals_eager(tmp_path, mesh_spec, stacked):
     for x, y in zip(jax.tree.leaves(cast), jax.tree.leaves(want)):
         assert x.dtype == np.float32
         assert_bit_identical(x, np.asarray(y).astype(np.float32))
+
+
+def test_gguf_and_bundled_cache(tmp_path, monkeypatch):
+    """A GGUF file is dequantized in memory (numpy leaves); the bundled model's cache is converted
+    once, then read lazily."""
+    from loraprune_jax.io import gguf as lgguf
+    from test_gguf import write_tiny_gguf
+
+    src = tmp_path / "model.gguf"
+    write_tiny_gguf(src, tied=False)
+    _, from_gguf, _ = load_model(str(src), lazy=True)
+    assert all(isinstance(x, np.ndarray) for x in jax.tree.leaves(from_gguf))
+    monkeypatch.setattr(lgguf, "bundled_gguf_path", lambda: src)
+    _, eager, _ = lgguf.load_smollm2(cache_dir=tmp_path / "cache", as_numpy=True)
+    _, got, _ = lgguf.load_smollm2(cache_dir=tmp_path / "cache", lazy=True)
+    for x, y, z in zip(jax.tree.leaves(got), jax.tree.leaves(eager), jax.tree.leaves(from_gguf)):
+        assert isinstance(x, LazyTensor) and x.path.parent == lgguf.smollm2_cache_path(tmp_path / "cache")
+        assert_bit_identical(x[:, 1:] if x.ndim == 2 else x[1:], y[:, 1:] if y.ndim == 2 else y[1:])
+        assert_bit_identical(np.asarray(x), z)
