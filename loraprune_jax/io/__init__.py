@@ -24,6 +24,7 @@ _LAZY = {
                      "load_smollm2", "permute_qk", "smollm2_cache_path", "unpermute_qk"), "gguf"),
     **dict.fromkeys(("hf_tensor_specs", "load_hf_dir", "param_shapes", "read_hf_config",
                      "save_hf_dir", "SafetensorsFile"), "hf"),
+    **dict.fromkeys(("LazyTensor", "materialize"), "lazy"),
     **dict.fromkeys(("load_hf_tokenizer", "tokenizer_from_gguf"), "tokenizer"),
     **dict.fromkeys(("export_hf", "load_adapters", "load_adapters_config", "needs_remote_code",
                      "save_adapters"), "export"),
@@ -45,9 +46,12 @@ def load_model(
     spec: str | os.PathLike[str],
     dtype: str | None = None,
     as_numpy: bool = False,
+    lazy: bool = False,
 ) -> tuple[LlamaConfig, dict[str, Any], Any | None]:
     """Load ``(config, base, tokenizer)`` from a model spec (numpy leaves when ``as_numpy``,
-    for placing on a mesh without a copy on one device first).
+    for placing on a mesh without a copy on one device first; with ``lazy``, leaves of a
+    safetensors checkpoint are ``io.lazy.LazyTensor`` s read slice by slice as they are placed,
+    while a GGUF file, dequantized in memory, gives numpy leaves).
 
     ``"smollm2"``: the bundled SmolLM2-135M-Instruct (cached HF conversion); a directory: a HF
     checkpoint; a ``.gguf`` file: a LLaMA GGUF. ``dtype`` defaults to the checkpoint's dtype
@@ -58,12 +62,12 @@ def load_model(
 
     text = os.fspath(spec)
     if isinstance(spec, str) and text.lower() in SMOLLM2_SPECS and not Path(text).exists():
-        return load_smollm2(dtype=dtype or "float32", as_numpy=as_numpy)
+        return load_smollm2(dtype=dtype or "float32", as_numpy=as_numpy, lazy=lazy)
     path = Path(text).expanduser()
     if path.is_dir():
-        return load_hf_dir(path, dtype=dtype, as_numpy=as_numpy)
+        return load_hf_dir(path, dtype=dtype, as_numpy=as_numpy, lazy=lazy)
     if path.suffix.lower() == ".gguf":
-        return load_gguf(path, dtype=dtype or "float32", as_numpy=as_numpy)
+        return load_gguf(path, dtype=dtype or "float32", as_numpy=as_numpy or lazy)
     if not path.exists():
         raise CheckpointError(
             path,

@@ -291,8 +291,10 @@ def load_smollm2(
     cache_dir: str | os.PathLike[str] | None = None,
     dtype: str = "float32",
     as_numpy: bool = False,
+    lazy: bool = False,
 ) -> tuple[LlamaConfig, dict[str, Any], Any]:
-    """The bundled SmolLM2-135M-Instruct: ``(config, base params, tokenizer)``.
+    """The bundled SmolLM2-135M-Instruct: ``(config, base params, tokenizer)`` (``lazy``: leaves
+    read from the cached safetensors slice by slice, see :func:`~loraprune_jax.io.hf.load_hf_dir`).
 
     The first call converts the GGUF (dequantized, float32) into a HF directory under
     ``cache_dir`` (default ``$LORAPRUNE_JAX_CACHE`` or ``~/.cache/loraprune_jax``) with an
@@ -306,5 +308,5 @@ def load_smollm2(
         source = json.dumps(_fingerprint(gguf_path), indent=2) + "\n"
         save_hf_dir(cache, config, base, tokenizer, overwrite=True, extra_files={SOURCE_FILE: source})
         del base
-    config, base, tokenizer = load_hf_dir(cache, dtype=dtype, as_numpy=as_numpy)
+    config, base, tokenizer = load_hf_dir(cache, dtype=dtype, as_numpy=as_numpy, lazy=lazy)
     return config, base, tokenizer

@@ -30,6 +30,7 @@ from safetensors.numpy import save_file
 
 from loraprune_jax.config import LlamaConfig
 from loraprune_jax.io.errors import CheckpointError
+from loraprune_jax.io.lazy import LazyTensor
 from loraprune_jax.io.tokenizer import load_hf_tokenizer
 from loraprune_jax.models.llama_params import check_base, param_shapes
 
@@ -165,20 +166,32 @@ class SafetensorsFile:
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.entries[name]["shape"])
 
-    def get(self, name: str) -> np.ndarray:
-        """A read-only memory map of tensor ``name`` in its on-disk dtype."""
-        e = self.entries[name]
-        tag, shape = e["dtype"], tuple(e["shape"])
+    def _dtype(self, name: str) -> np.dtype:
+        tag = self.entries[name]["dtype"]
         if tag not in _ST_DTYPES:
             raise CheckpointError(
                 self.path, f"tensor {name!r} has unsupported dtype {tag} (supported: {sorted(_ST_DTYPES)})"
             )
-        dtype = _ST_DTYPES[tag]
+        return _ST_DTYPES[tag]
+
+    def get(self, name: str) -> np.ndarray:
+        """A read-only memory map of tensor ``name`` in its on-disk dtype."""
+        e = self.entries[name]
+        shape = tuple(e["shape"])
+        dtype = self._dtype(name)
         begin, stop = e["data_offsets"]
         if stop == begin:
             return np.zeros(shape, dtype)
         mm = np.memmap(self.path, dtype=np.uint8, mode="r", offset=self.data_start + begin, shape=(stop - begin,))
         return mm.view(dtype).reshape(shape)
+
+    def lazy(self, name: str, transposed: bool = False, dtype: Any = None) -> LazyTensor:
+        """Tensor ``name`` as a :class:`LazyTensor` (transposed to our layout, read as ``dtype``);
+        nothing is read now."""
+        e = self.entries[name]
+        begin = int(e["data_offsets"][0])
+        return LazyTensor(self.path, self.data_start + begin, tuple(e["shape"]), self._dtype(name),
+                          transposed, dtype)
 
 
 def _weight_files(path: Path) -> tuple[dict[str, Path], dict[str, SafetensorsFile], Path]:
@@ -224,13 +237,16 @@ def load_hf_dir(
     path: str | os.PathLike[str],
     dtype: str | None = None,
     as_numpy: bool = False,
+    lazy: bool = False,
 ) -> tuple[LlamaConfig, dict[str, Any], Any | None]:
     """Load a HF LLaMA directory: ``(config, base params, tokenizer or None)``.
 
     Weights may be one ``model.safetensors`` or shards listed in ``model.safetensors.index.json``,
     in bf16/f16/f32; they are converted to ``dtype`` (default: the config's dtype, which the
     returned config then carries) and to our ``(in, out)`` layout one tensor at a time.
-    Leaves are jax arrays (numpy arrays when ``as_numpy``). Every shape is checked against
+    Leaves are jax arrays (numpy arrays when ``as_numpy``; :class:`LazyTensor` leaves that read
+    only the slices asked for when ``lazy``, for placing on a mesh shard by shard, see
+    ``io.lazy``: then nothing but the headers is read here). Every shape is checked against
     the config, including per-layer widths of pruned models. Raises :class:`CheckpointError`
     naming the file for missing/truncated files, missing tensors, wrong shapes and dtypes.
     """
@@ -254,6 +270,9 @@ def load_hf_dir(
             raise CheckpointError(
                 st.path, f"tensor {name!r} has shape {list(got)}, expected {list(shape)} for the config"
             )
+        if lazy:
+            _put(base, where, st.lazy(name, transposed, target))
+            continue
         arr = st.get(name).astype(target)  # copies out of the memory map
         if transposed:
             arr = np.ascontiguousarray(arr.T)

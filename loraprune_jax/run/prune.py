@@ -30,6 +30,7 @@ from ..data.packing import spread_windows, tokenize_join
 from ..data.sharded import ShardedData
 from ..eval.perplexity import perplexity
 from ..io import export_hf, load_model, save_adapters
+from ..io.lazy import materialize
 from ..io.jsonfile import write_json
 from ..models.llama_params import unstack_layers
 from ..models.lora import init_lora, merge_lora
@@ -74,7 +75,7 @@ class PreparedRun:
                 f"devices (train.micro_batch_size={t.micro_batch_size} splits over no more)")
         t0 = time.perf_counter()
         self.config, host, self.tokenizer = load_model(
-            cfg.model, dtype=cfg.dtype or default_dtype(), as_numpy=True
+            cfg.model, dtype=cfg.dtype or default_dtype(), lazy=True
         )
         if self.tokenizer is None:
             raise ValueError(f"model {cfg.model} has no tokenizer files; cannot tokenize the data")
@@ -88,7 +89,9 @@ class PreparedRun:
         self.params = count_params(host)  # before quantizing: parameters, not scales
         if cfg.base_dtype == "int8":  # scales now; each device's int8 slice as it is placed
             host = quantize_base(host, lazy=True)
-        self.host_base = host  # list layout, numpy: sliced on the host at the end
+        # list layout, lazy leaves: each process reads its devices' shards from the files now,
+        # and whole tensors only at the end, to slice and merge on the host
+        self.host_base = host
         self.base = shard_base(host, self.config, self.mesh)  # stacked when widths are uniform
         stored = "" if cfg.base_dtype is None else f", projections {cfg.base_dtype}"
         log(f"loaded {cfg.model}: {self.config.num_params() / 1e6:.1f}M parameters "
@@ -230,7 +233,8 @@ def run_prune(
     # An int8 base is dequantized first: the export holds the weights the adapters trained on.
     t0 = time.perf_counter()
     lora, host_masks = host_tree(state["lora"]), host_tree(masks)
-    host_base = dequantize_base_host(run.host_base, config.jnp_dtype)
+    # read from the checkpoint one tensor at a time (an int8 base: its dequantized values)
+    host_base = materialize(dequantize_base_host(run.host_base, config.jnp_dtype))
     if element:
         small_cfg = config
         merged = merge_lora(host_base, unstack_layers(lora), cfg.lora)
@@ -240,6 +244,7 @@ def run_prune(
     else:
         small, small_cfg = slice_and_merge(host_base, lora, host_masks, config, cfg.lora)
         log(f"sliced and merged on the host in {time.perf_counter() - t0:.1f}s")
+    del host_base  # what the smaller model shares with it stays
     after = run.evaluate(shard_base(small, small_cfg, mesh, stacked=False), small_cfg,
                          progress and primary, "after")
     for spec, r in after.items():
