@@ -166,3 +166,28 @@ def test_bad_base_dtype_names_what_is_accepted():
         quant.check_base_dtype("int4")
     with pytest.raises(ValueError, match=r"\(in, out\) weight"):
         quant.quantize_host(np.zeros((2, 3, 4), np.float32))
+
+
+def test_w8a8_forward_is_close_and_its_gradient_is_the_float_one(tokens):
+    config, q, f = _tiny(stacked=True, seed=2)
+    lora_cfg = LoraConfig(rank=4, alpha=8.0)
+    lora = randomize_b(init_lora(jax.random.PRNGKey(0), f, lora_cfg))
+    x = jax.random.normal(jax.random.PRNGKey(3), (5, 48))
+    w = jax.tree.map(lambda a: a[0], q["layers"]["q"])  # layer 0 of the stacked weight
+    with quant.w8a8():
+        y8 = quant.project(x, w)
+        g8 = jax.grad(lambda x: jnp.sum(jnp.sin(quant.project(x, w))))(x)
+    y = quant.project(x, w)
+    g = jax.grad(lambda x: jnp.sum(jnp.sin(quant.project(x, w))))(x)
+    # int8 activations (one scale per row): error about one activation step
+    step = np.abs(np.asarray(x)).max(1, keepdims=True) / 127.5
+    bound = step * np.abs(np.asarray(quant.dequantize(w))).sum(0)  # |dx| |W| summed over inputs
+    assert np.all(np.abs(np.asarray(y8 - y)) <= bound) and not np.allclose(y8, y)
+    # straight through: the W8A8 gradient is the float one at the W8A8 output
+    want = (np.cos(np.asarray(y8)) @ np.asarray(quant.dequantize(w)).T)
+    np.testing.assert_allclose(np.asarray(g8), want, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(g8, g, rtol=1e-7, atol=0)
+    with quant.w8a8():
+        logits8 = forward(q, lora, None, tokens, config, lora_cfg)
+    logits = forward(q, lora, None, tokens, config, lora_cfg)
+    assert float(jnp.max(jnp.abs(logits8 - logits))) < 0.05 * float(jnp.max(jnp.abs(logits)))

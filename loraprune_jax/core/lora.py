@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -92,9 +92,11 @@ def lora_linear(
     scale: float,
     dropout: float = 0.0,
     key: Array | None = None,
+    matmul: Callable[[Array, Any], Array] | None = None,
 ) -> Array:
-    """``x @ w + scale * (dropout(x) @ a) @ b``, never forming ``w + scale * a @ b``."""
-    y = x @ w
+    """``x @ w + scale * (dropout(x) @ a) @ b``, never forming ``w + scale * a @ b``.
+    ``matmul`` multiplies ``x`` by a frozen weight that is not a plain array (e.g. int8)."""
+    y = x @ w if matmul is None else matmul(x, w)
     if pair is None:
         return y
     # The adapter path runs on (tokens, features): the gradients of A and B then contract one

@@ -26,7 +26,7 @@ from ..config import LlamaConfig, LoraConfig
 from ..core.lora import lora_linear
 from .attention import rms_norm, rope_tables
 from .llama import attention_inputs, logits_from_hidden, mlp
-from .quant import dequantize
+from .quant import project
 
 Array = jax.Array
 _NEG = float(jnp.finfo(jnp.float32).min)
@@ -105,8 +105,8 @@ def _cached_block(x, layer, adapters, mask, ck, cv, cos, sin, cache_ok, new_ok, 
     b, t, _ = x.shape
 
     def proj(name: str, inp: Array, key: Array | None = None) -> Array:
-        w = dequantize(layer[name], inp.dtype)  # an int8 base: dequantized where it is used
-        return lora_linear(inp, w, adapters.get(name) if adapters else None, scale)
+        pair = adapters.get(name) if adapters else None
+        return lora_linear(inp, layer[name], pair, scale, matmul=project)  # int8 base: project
 
     k = v = jnp.zeros((b, t, kv_heads, hd), ck.dtype)
     if heads > 0:

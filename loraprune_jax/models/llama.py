@@ -31,7 +31,7 @@ from ..core.dropout import dropout as apply_dropout
 from ..core.lora import lora_linear
 from ..parallel.mesh import constrain
 from .attention import apply_rope, causal_attention, rms_norm, rope_tables
-from .quant import dequantize
+from .quant import dequantize, project
 
 _ACT = ("batch", "seq", "embed")  # logical axes of the hidden states between blocks
 
@@ -191,10 +191,10 @@ def _block(
 
     def proj(name: str, inp: Array, k: Array | None) -> Array:
         pair = adapters.get(name) if adapters else None
-        w = dequantize(layer[name], inp.dtype)  # an int8 base (models.quant): dequantized here
-        if element is not None and name in element:
+        if element is not None and name in element:  # an int8 base is dequantized here
+            w = dequantize(layer[name], inp.dtype)
             return masked_lora_linear(inp, w, pair, element[name], scale, dropout, k)
-        return lora_linear(inp, w, pair, scale, dropout, k)
+        return lora_linear(inp, layer[name], pair, scale, dropout, k, matmul=project)
 
     if heads > 0:
         h, q, k, v = attention_inputs(x, layer, mask, cos, sin, config, proj, keys[:3])

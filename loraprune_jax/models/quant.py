@@ -17,7 +17,10 @@ scales need each column once; :class:`Int8Slices` then quantizes exactly the sli
 
 from __future__ import annotations
 
+import contextvars
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, Iterable
 
 import jax
@@ -142,6 +145,52 @@ def dequantize(w: Any, dtype: Any = None) -> Any:
     return value if dtype is None else value.astype(dtype)
 
 
+# ----------------------------------------------------------------------------- W8A8 (experimental)
+_W8A8: contextvars.ContextVar[bool] = contextvars.ContextVar("loraprune_jax_w8a8", default=False)
+
+
+@contextmanager
+def w8a8(enabled: bool = True) -> Iterator[None]:
+    """While tracing inside this context, :func:`project` multiplies int8 weights by int8
+    activations (one scale per token) with an int32 accumulator, and its gradient is the float
+    one (straight through): an experiment measured in ``experiments/int8_base.py``."""
+    token = _W8A8.set(enabled)
+    try:
+        yield
+    finally:
+        _W8A8.reset(token)
+
+
+@jax.custom_vjp
+def _w8a8_matmul(x: jax.Array, w: QArray) -> jax.Array:
+    xq = qwix.quantize(x, QTYPE, channelwise_axes=list(range(x.ndim - 1)))
+    return qwix.dot(xq, w, preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+def _w8a8_fwd(x: jax.Array, w: QArray) -> tuple[jax.Array, QArray]:
+    return _w8a8_matmul(x, w), w
+
+
+def _w8a8_bwd(w: QArray, g: jax.Array) -> tuple[jax.Array, Any]:
+    # the float backward: d x = g W^T with the dequantized W; the frozen weight gets none
+    zero = jax.tree.map(lambda a: np.zeros(a.shape, jax.dtypes.float0)
+                        if jnp.issubdtype(a.dtype, jnp.integer) else jnp.zeros_like(a), w)
+    return g @ dequantize(w, g.dtype).T, zero
+
+
+_w8a8_matmul.defvjp(_w8a8_fwd, _w8a8_bwd)
+
+
+def project(x: jax.Array, w: Any) -> jax.Array:
+    """``x @ w`` for a float or int8 weight: the int8 one dequantized to ``x``'s dtype (inside
+    :func:`w8a8`, int8 x int8 instead)."""
+    if not is_quantized(w):
+        return x @ w
+    if _W8A8.get():
+        return _w8a8_matmul(x, w)
+    return x @ dequantize(w, x.dtype)
+
+
 def dequantize_layer(layer: dict[str, Any], dtype: Any = None) -> dict[str, Any]:
     """One layer dict with its quantized projections dequantized (criteria read float ``W``)."""
     return {k: dequantize(v, dtype) for k, v in layer.items()}
@@ -159,6 +208,6 @@ def quantize_abstract(w: jax.ShapeDtypeStruct, sharding: Any = None,
 
 __all__ = [
     "BASE_DTYPES", "Int8Slices", "QArray", "QTYPE", "check_base_dtype", "dequantize",
-    "dequantize_base_host", "dequantize_host", "dequantize_layer", "is_quantized", "quantize",
-    "quantize_abstract", "quantize_base", "quantize_host",
+    "dequantize_base_host", "dequantize_host", "dequantize_layer", "is_quantized", "project",
+    "quantize", "quantize_abstract", "quantize_base", "quantize_host", "w8a8",
 ]
