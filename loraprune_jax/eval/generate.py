@@ -14,9 +14,11 @@ import sys
 import time
 from typing import Any, Sequence
 
+from jax.sharding import Mesh
+
 from ..config import LlamaConfig, LoraConfig
 from ..models import decode
-from ..models.llama_params import stack_layers
+from ..models.llama_params import shard_base, stack_layers
 
 
 @dataclasses.dataclass
@@ -43,14 +45,18 @@ class GenerationResult:
         return self.new_tokens / self.run_s if self.run_s > 0 else float("inf")
 
 
-def load_for_generation(spec: str | os.PathLike[str], dtype: str | None = None
-                        ) -> tuple[LlamaConfig, dict[str, Any], Any]:
+def load_for_generation(spec: str | os.PathLike[str], dtype: str | None = None,
+                        mesh: Mesh | None = None) -> tuple[LlamaConfig, dict[str, Any], Any]:
     """``load_model`` with layers stacked when widths are uniform (the decode loop then scans
-    over layers: one compiled layer instead of ``L`` unrolled ones)."""
+    over layers: one compiled layer instead of ``L`` unrolled ones); with a ``mesh``, read on
+    the host and placed on it by ``models.llama_params.shard_base`` (stacked the same way)."""
     from ..io import load_model
     from ..config import default_dtype
 
-    config, base, tokenizer = load_model(spec, dtype=dtype or default_dtype())
+    config, base, tokenizer = load_model(spec, dtype=dtype or default_dtype(),
+                                         as_numpy=mesh is not None)
+    if mesh is not None:
+        return config, shard_base(base, config, mesh), tokenizer
     if config.is_uniform:
         base = stack_layers(base)
     return config, base, tokenizer
@@ -97,16 +103,18 @@ def generate_with_stats(
     masks: dict[str, Any] | None = None,
     lora_cfg: LoraConfig | None = None,
     timed: bool = True,
+    mesh: Mesh | None = None,
 ) -> GenerationResult:
     """Generate continuations of ``prompts`` in one batch; see :func:`generate_text`.
 
     ``timed`` compiles ahead of time to report compile and run time apart (no jit-cache reuse);
-    ``timed=False`` uses the cached jitted loop and reports the whole call as ``run_s``.
+    ``timed=False`` uses the cached jitted loop and reports the whole call as ``run_s``. With a
+    ``mesh`` the model is placed on it and the batch split over it (``models.decode.generate``).
     """
     if isinstance(model, tuple):
         config, base, tokenizer = model
     else:
-        config, base, tokenizer = load_for_generation(model, dtype)
+        config, base, tokenizer = load_for_generation(model, dtype, mesh)
         if isinstance(base["layers"], dict):
             lora = stack_layers(lora) if lora is not None else None
             masks = stack_layers(masks) if masks is not None else None
@@ -121,7 +129,7 @@ def generate_with_stats(
     out = decode.generate(
         base, config, ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
         key=seed, eos_id=eos, lora=lora, masks=masks, lora_cfg=lora_cfg,
-        timings=timings if timed else None,
+        timings=timings if timed else None, mesh=mesh,
     )
     if not timed:
         timings = {"compile_s": 0.0, "run_s": time.perf_counter() - start}
@@ -141,7 +149,8 @@ def generate_text(model: Any, prompts: Sequence[str], **kwargs: Any) -> list[str
     ``model``: ``"smollm2"``, a HF directory or a ``.gguf`` file (loaded, layers stacked when
     uniform), or a ``(config, base, tokenizer)`` tuple used as is. Keywords: ``max_new_tokens``
     (64), ``temperature``, ``top_k``, ``top_p``, ``seed``, ``chat`` (apply the chat template),
-    ``system``, ``dtype``, ``lora``/``masks``/``lora_cfg`` (the unmerged masked model).
+    ``system``, ``dtype``, ``lora``/``masks``/``lora_cfg`` (the unmerged masked model),
+    ``mesh`` (a ``parallel.mesh.make_mesh`` mesh: the same greedy text as one device).
     """
     kwargs.setdefault("timed", False)
     return generate_with_stats(model, prompts, **kwargs).texts
