@@ -26,10 +26,10 @@ from jax.sharding import Mesh
 
 from ..config import LlamaConfig, LoraConfig
 from ..core.lora import lora_linear
-from .attention import rms_norm, rope_tables
 from ..parallel.mesh import (
     activation_sharding, batch_multiple, batch_sharding, constrain, global_array, host_tree,
 )
+from .attention import rms_norm, rope_tables
 from .llama import attention_inputs, logits_from_hidden, mlp
 from .llama_params import place_base
 
@@ -339,7 +339,8 @@ def generate(
     there (that path does not reuse the jit cache; meant for one-off CLI runs). With a ``mesh``
     the base is placed on it (unless it already is), the rows are split over its ``data`` x
     ``fsdp`` axes (padded with copies of the first row to a multiple of their size) and so is
-    the KV cache; greedy tokens equal one device's.
+    the KV cache; greedy tokens equal one device's (sampled ones need not: padding changes the
+    shape the random draws are made for).
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
