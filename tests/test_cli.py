@@ -81,6 +81,32 @@ def test_eval_reads_any_utf8_file_and_refuses_a_binary_one(model_dir, tmp_path, 
     assert err[0].startswith("model ")  # the model loads first and says so
 
 
+@pytest.mark.parametrize("command, extra", [
+    ("eval", []), ("zeroshot", ["--tasks", "boolq"]), ("generate", ["--prompt", "x"]),
+])
+def test_evaluation_commands_take_mesh_and_distributed(command, extra):
+    from loraprune_jax.cli import build_parser
+
+    args = build_parser().parse_args([command, "--model", "m", *extra])
+    assert args.mesh is None and not args.distributed  # one device by default
+    args = build_parser().parse_args([command, "--model", "m", *extra, "--mesh", "data:2,fsdp:-1",
+                                      "--distributed"])
+    assert args.mesh == "data:2,fsdp:-1" and args.distributed
+
+
+def test_eval_mesh_auto_splits_the_batch_and_keeps_the_perplexity(model_dir, tmp_path, capsys):
+    text = tmp_path / "t.txt"
+    text.write_text(TEXT)
+    out = tmp_path / "ppl.json"
+    assert main(["eval", "--model", str(model_dir), "--text", str(text), "--seq-len", "32",
+                 "--max-windows", "6", "--batch-size", "4", "--mesh", "auto", "--json", str(out),
+                 "--no-progress"]) == 0
+    assert "on mesh data:1,fsdp:4,tensor:1" in capsys.readouterr().err  # gcd(8 devices, 4)
+    cfg, base, tok = load_hf_dir(model_dir)
+    want = perplexity(base, cfg, tokenize_join(TEXT, tok), 32, max_windows=6, progress=False)
+    assert json.loads(out.read_text())["ppl"] == pytest.approx(want.ppl, rel=1e-5)
+
+
 @pytest.mark.slow
 def test_demo_prunes_the_bundled_model(smollm2_cache, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("LORAPRUNE_JAX_CACHE", str(smollm2_cache))  # the session's conversion

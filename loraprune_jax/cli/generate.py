@@ -1,5 +1,6 @@
 """``loraprune-jax generate``: continuations of prompts with the KV-cache decoder, and the decoding
-speed (:func:`loraprune_jax.eval.generate.generate_with_stats` does the work)."""
+speed (:func:`loraprune_jax.eval.generate.generate_with_stats` does the work), on one device or
+sharded over a ``--mesh`` (``--distributed``: over several processes)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import argparse
 import sys
 import time
 from typing import Any
+
+from .meshargs import add_mesh_args, base_note, mesh_from_args, mesh_note
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -26,24 +29,28 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--system", default=None, help="system message for --chat")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                    help="parameter dtype (default: float32 on CPU, bfloat16 on GPU/TPU)")
+    add_mesh_args(p)
     p.set_defaults(func=cmd_generate)
     return p
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    """Print each prompt, its continuation, and the decoding speed."""
+    """Print each prompt, its continuation, and the decoding speed. With ``--mesh`` the model
+    is sharded and the prompts split over the devices: the same greedy continuations."""
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
     from ..eval.generate import generate_with_stats, load_for_generation
 
+    mesh = mesh_from_args(args, len(args.prompt))  # a bad mesh fails before the model loads
     start = time.perf_counter()
-    model = load_for_generation(args.model, args.dtype)
+    model = load_for_generation(args.model, args.dtype, mesh, args.base_dtype)
     config = model[0]
-    print(f"model {args.model}: {config.num_params() / 1e6:.1f}M parameters, {config.dtype}, "
-          f"loaded in {time.perf_counter() - start:.1f}s", file=sys.stderr)
+    print(f"model {args.model}: {config.num_params() / 1e6:.1f}M parameters, {config.dtype}{base_note(args)}, "
+          f"loaded in {time.perf_counter() - start:.1f}s{mesh_note(mesh)}", file=sys.stderr)
     res = generate_with_stats(
         model, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
         top_k=args.top_k, top_p=args.top_p, seed=args.seed, chat=args.chat, system=args.system,
+        mesh=mesh,
     )
     for i, (prompt, text) in enumerate(zip(args.prompt, res.texts)):
         print(f"### prompt {i + 1}: {prompt}")

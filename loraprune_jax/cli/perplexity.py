@@ -1,5 +1,6 @@
 """``loraprune-jax eval``: perplexity of a model on a text or on the bundled held-out texts
-(LLM-Pruner protocol; :func:`loraprune_jax.eval.perplexity.perplexity` does the work)."""
+(LLM-Pruner protocol; :func:`loraprune_jax.eval.perplexity.perplexity` does the work), on one
+device or sharded over a ``--mesh`` (``--distributed``: over several processes)."""
 
 from __future__ import annotations
 
@@ -9,13 +10,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .meshargs import add_mesh_args, base_note, is_primary, load_placed, mesh_from_args, mesh_note
 
-def _load(model: str, dtype: str | None) -> tuple[Any, Any, Any, float]:
-    from ..config import default_dtype
-    from ..io import load_model
 
+def _load(model: str, dtype: str | None, mesh: Any = None,
+          base_dtype: str | None = None) -> tuple[Any, Any, Any, float]:
     start = time.perf_counter()
-    config, base, tokenizer = load_model(model, dtype=dtype or default_dtype())
+    config, base, tokenizer = load_placed(model, dtype, mesh, base_dtype)
     return config, base, tokenizer, time.perf_counter() - start
 
 
@@ -29,15 +30,17 @@ def _eval_texts(args: argparse.Namespace) -> dict[str, str]:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    """Perplexity of a model on a text (or on the default held-out texts)."""
+    """Perplexity of a model on a text (or on the default held-out texts); with ``--mesh`` the
+    model is sharded over the devices and each batch of windows split, same numbers."""
     from ..data.packing import tokenize_join
     from ..eval.perplexity import perplexity
 
-    config, base, tokenizer, load_s = _load(args.model, args.dtype)
+    mesh = mesh_from_args(args, args.batch_size)  # a bad mesh fails before the model loads
+    config, base, tokenizer, load_s = _load(args.model, args.dtype, mesh, args.base_dtype)
     if tokenizer is None:
         raise SystemExit(f"error: {args.model} has no tokenizer files; cannot tokenize text")
-    print(f"model {args.model}: {config.num_params() / 1e6:.1f}M parameters, {config.dtype}, "
-          f"loaded in {load_s:.1f}s", file=sys.stderr)
+    print(f"model {args.model}: {config.num_params() / 1e6:.1f}M parameters, {config.dtype}{base_note(args)}, "
+          f"loaded in {load_s:.1f}s{mesh_note(mesh)}", file=sys.stderr)
     results: dict[str, Any] = {}
     for name, text in _eval_texts(args).items():
         ids = tokenize_join([text], tokenizer)
@@ -45,12 +48,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
             res = perplexity(
                 base, config, ids, seq_len,
                 max_windows=args.max_windows, batch_size=args.batch_size,
-                progress=not args.no_progress, desc=f"{name} L={seq_len}",
+                progress=not args.no_progress, desc=f"{name} L={seq_len}", mesh=mesh,
             )
             print(f"{name}\tseq_len={seq_len}\tppl={res.ppl:.4f}\ttokens={res.tokens}\t"
                   f"windows={res.windows}\t{res.tokens_per_second:.0f} tok/s")
             results.setdefault(name, {})[seq_len] = res
-    if args.json:
+    if args.json and is_primary():
         single = len(results) == 1 and len(args.seq_len) == 1
         if single:
             res = next(iter(next(iter(results.values())).values()))
@@ -83,6 +86,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                     help="parameter dtype (default: float32 on CPU, bfloat16 on GPU/TPU)")
     ev.add_argument("--json", default=None, help="also write the results as JSON to this file")
     ev.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_mesh_args(ev)
     ev.set_defaults(func=cmd_eval)
     return ev
 

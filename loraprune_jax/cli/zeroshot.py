@@ -1,5 +1,6 @@
 """``loraprune-jax zeroshot``: zero-shot accuracy of a model on chosen tasks, one line per task
-and an optional JSON file (:func:`loraprune_jax.eval.zeroshot.run_zeroshot` does the work)."""
+and an optional JSON file (:func:`loraprune_jax.eval.zeroshot.run_zeroshot` does the work), on
+one device or sharded over a ``--mesh`` (``--distributed``: over several processes)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from ..data.tasks import TASK_NAMES, load_task_docs
+from .meshargs import add_mesh_args, base_note, is_primary, load_placed, mesh_from_args, mesh_note
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -36,15 +38,15 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--samples", action="store_true",
                    help="with --json, also write per-document log-likelihoods")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_mesh_args(p)
     p.set_defaults(func=cmd_zeroshot)
     return p
 
 
 def cmd_zeroshot(args: argparse.Namespace) -> int:
-    """Zero-shot accuracy of a model on the chosen tasks; one line per task, optional JSON."""
-    from ..config import default_dtype
+    """Zero-shot accuracy of a model on the chosen tasks; one line per task, optional JSON.
+    With ``--mesh`` the model is sharded and each call's rows split: the same accuracies."""
     from ..eval.zeroshot import run_zeroshot
-    from ..io import load_model
     from ..io.jsonfile import write_json
 
     tasks = list(TASK_NAMES) if "all" in args.tasks else list(dict.fromkeys(args.tasks))
@@ -54,21 +56,22 @@ def cmd_zeroshot(args: argparse.Namespace) -> int:
     source = getattr(args, "source", "files")
     for name in tasks:  # data problems are reported before the model is loaded
         load_task_docs(name, args.data_dir, source=source, limit=1)
+    mesh = mesh_from_args(args, args.batch_size)  # a bad mesh fails before the model loads
     start = time.perf_counter()
-    config, base, tokenizer = load_model(args.model, dtype=args.dtype or default_dtype())
+    config, base, tokenizer = load_placed(args.model, args.dtype, mesh, args.base_dtype)
     if tokenizer is None:
         raise ValueError(f"{args.model} has no tokenizer files; cannot tokenize prompts")
-    print(f"model {args.model}: {config.num_params() / 1e6:.1f}M parameters, {config.dtype}, "
-          f"loaded in {time.perf_counter() - start:.1f}s", file=sys.stderr)
+    print(f"model {args.model}: {config.num_params() / 1e6:.1f}M parameters, {config.dtype}{base_note(args)}, "
+          f"loaded in {time.perf_counter() - start:.1f}s{mesh_note(mesh)}", file=sys.stderr)
     results = run_zeroshot(
         base, config, tokenizer, tasks, data_dir=args.data_dir, source=source, limit=limit,
         batch_size=args.batch_size, progress=not args.no_progress,
-        keep_samples=bool(getattr(args, "samples", False)), log=print,
+        keep_samples=bool(getattr(args, "samples", False)), log=print, mesh=mesh,
     )
     mean_acc = float(np.mean([r.acc for r in results.values()]))
     total = time.perf_counter() - start
     print(f"{'mean acc':<14} {mean_acc:.4f} over {len(results)} tasks  ({total:.1f}s in all)")
-    if args.json:
+    if args.json and is_primary():
         payload = {
             "model": str(args.model),
             "dtype": config.dtype,

@@ -14,9 +14,12 @@ import sys
 import time
 from typing import Any, Sequence
 
+from jax.sharding import Mesh
+
 from ..config import LlamaConfig, LoraConfig
 from ..models import decode
 from ..models.llama_params import stack_layers
+from .loading import load_for_eval
 
 
 @dataclasses.dataclass
@@ -43,17 +46,13 @@ class GenerationResult:
         return self.new_tokens / self.run_s if self.run_s > 0 else float("inf")
 
 
-def load_for_generation(spec: str | os.PathLike[str], dtype: str | None = None
+def load_for_generation(spec: str | os.PathLike[str], dtype: str | None = None,
+                        mesh: Mesh | None = None, base_dtype: str | None = None,
                         ) -> tuple[LlamaConfig, dict[str, Any], Any]:
-    """``load_model`` with layers stacked when widths are uniform (the decode loop then scans
-    over layers: one compiled layer instead of ``L`` unrolled ones)."""
-    from ..io import load_model
-    from ..config import default_dtype
-
-    config, base, tokenizer = load_model(spec, dtype=dtype or default_dtype())
-    if config.is_uniform:
-        base = stack_layers(base)
-    return config, base, tokenizer
+    """:func:`~loraprune_jax.eval.loading.load_for_eval` with layers stacked when widths are
+    uniform (the decode loop then scans over layers: one compiled layer instead of ``L``
+    unrolled ones); with a ``mesh``, placed on it (stacked the same way)."""
+    return load_for_eval(spec, dtype, base_dtype=base_dtype, mesh=mesh, stack=True)
 
 
 def encode_prompts(tokenizer: Any, prompts: Sequence[str], chat: bool = False,
@@ -97,16 +96,18 @@ def generate_with_stats(
     masks: dict[str, Any] | None = None,
     lora_cfg: LoraConfig | None = None,
     timed: bool = True,
+    mesh: Mesh | None = None,
 ) -> GenerationResult:
     """Generate continuations of ``prompts`` in one batch; see :func:`generate_text`.
 
     ``timed`` compiles ahead of time to report compile and run time apart (no jit-cache reuse);
-    ``timed=False`` uses the cached jitted loop and reports the whole call as ``run_s``.
+    ``timed=False`` uses the cached jitted loop and reports the whole call as ``run_s``. With a
+    ``mesh`` the model is placed on it and the batch split over it (``models.decode.generate``).
     """
     if isinstance(model, tuple):
         config, base, tokenizer = model
     else:
-        config, base, tokenizer = load_for_generation(model, dtype)
+        config, base, tokenizer = load_for_generation(model, dtype, mesh)
         if isinstance(base["layers"], dict):
             lora = stack_layers(lora) if lora is not None else None
             masks = stack_layers(masks) if masks is not None else None
@@ -121,7 +122,7 @@ def generate_with_stats(
     out = decode.generate(
         base, config, ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
         key=seed, eos_id=eos, lora=lora, masks=masks, lora_cfg=lora_cfg,
-        timings=timings if timed else None,
+        timings=timings if timed else None, mesh=mesh,
     )
     if not timed:
         timings = {"compile_s": 0.0, "run_s": time.perf_counter() - start}
@@ -141,7 +142,8 @@ def generate_text(model: Any, prompts: Sequence[str], **kwargs: Any) -> list[str
     ``model``: ``"smollm2"``, a HF directory or a ``.gguf`` file (loaded, layers stacked when
     uniform), or a ``(config, base, tokenizer)`` tuple used as is. Keywords: ``max_new_tokens``
     (64), ``temperature``, ``top_k``, ``top_p``, ``seed``, ``chat`` (apply the chat template),
-    ``system``, ``dtype``, ``lora``/``masks``/``lora_cfg`` (the unmerged masked model).
+    ``system``, ``dtype``, ``lora``/``masks``/``lora_cfg`` (the unmerged masked model),
+    ``mesh`` (a ``parallel.mesh.make_mesh`` mesh: the same greedy text as one device).
     """
     kwargs.setdefault("timed", False)
     return generate_with_stats(model, prompts, **kwargs).texts

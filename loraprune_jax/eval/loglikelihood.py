@@ -30,10 +30,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from ..config import LlamaConfig, LoraConfig
 from ..models.llama import forward, logits_from_hidden
+from ..parallel.mesh import activation_sharding, batch_multiple, batch_sharding, global_array, host_tree
 
 MAX_SHARED = 8  # requests that can share one row (one-token continuations of the same input)
 TOKENS_PER_BATCH = 4096  # rows per call when no batch size is given: about this many tokens
@@ -123,8 +125,7 @@ def encode_requests(
     return out
 
 
-@functools.partial(jax.jit, static_argnames=("config", "lora_cfg"))
-def continuation_scores(
+def _scores(
     base: dict[str, Any],
     lora: dict[str, Any] | None,
     masks: dict[str, Any] | None,
@@ -158,6 +159,19 @@ def continuation_scores(
     shared_ll = jnp.take_along_axis(last_logp, shared, axis=1)
     last_argmax = jnp.take_along_axis(argmax, last[:, None], axis=1)  # (B, 1)
     return ll, greedy, shared_ll, last_argmax == shared
+
+
+continuation_scores = jax.jit(_scores, static_argnames=("config", "lora_cfg"))
+
+
+@functools.partial(jax.jit, static_argnames=("config", "lora_cfg", "mesh"))
+def _scores_on_mesh(base, lora, masks, tokens, starts, targets, target_mask, shared, config,
+                    lora_cfg, mesh):
+    """:func:`continuation_scores` traced with activations pinned to ``mesh`` (its own jit, so
+    a trace without the mesh is never reused for one with it)."""
+    with activation_sharding(mesh):
+        return _scores(base, lora, masks, tokens, starts, targets, target_mask, shared, config,
+                       lora_cfg)
 
 
 @dataclasses.dataclass
@@ -220,6 +234,7 @@ def score_tokens(
     max_length: int | None = None,
     progress: bool = True,
     desc: str = "loglikelihood",
+    mesh: Mesh | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(log-likelihoods, is_greedy)`` of tokenized ``(context, continuation)`` requests.
 
@@ -227,7 +242,9 @@ def score_tokens(
     runs ``batch_size`` rows per call (default: about 4096 tokens per call), its last call padded
     with empty rows, so :func:`continuation_scores` compiles once per bucket (the width of its
     continuation window, a power of two, comes with the bucket). The order of ``encoded`` is
-    kept.
+    kept. With a ``mesh`` (``base`` placed on it, e.g. by ``models.llama_params.shard_base``;
+    LoRA and masks replicated) the rows of a call are split over its ``data`` x ``fsdp`` axes,
+    the rows per call rounded up to a multiple of their size; the scores equal one device's.
     """
     n = len(encoded)
     ll = np.zeros(n, np.float64)
@@ -244,7 +261,7 @@ def score_tokens(
     bar = tqdm(total=n, desc=desc, unit="req", disable=not progress, leave=False)
 
     def collect(chunk: list[_Row], out: Any) -> None:
-        row_ll, row_greedy, shared_ll, shared_greedy = jax.device_get(out)
+        row_ll, row_greedy, shared_ll, shared_greedy = host_tree(out)
         done = 0
         for b, row in enumerate(chunk):
             if row.shared:  # one-token continuations: read each member's own token
@@ -256,11 +273,21 @@ def score_tokens(
             done += len(row.members)
         bar.update(done)
 
+    per = 1 if mesh is None else batch_multiple(mesh)
+
+    def call(*arrays: np.ndarray) -> Any:
+        if mesh is None:
+            return continuation_scores(base, lora, masks, *map(jnp.asarray, arrays), config,
+                                       lora_cfg)
+        placed = [global_array(a, batch_sharding(mesh, a.ndim, 0)) for a in arrays]
+        return _scores_on_mesh(base, lora, masks, *placed, config, lora_cfg, mesh)
+
     pending = None  # results are fetched one call behind, so the host prepares the next batch
     for t in sorted(buckets, reverse=True):  # longest first: memory trouble shows at once
         group = sorted(buckets[t], key=lambda r: -len(r.inp))
         c = min(t, max(8, _pow2(max(len(r.targets) for r in group))))  # continuation window
         bs = batch_size or max(1, min(64, TOKENS_PER_BATCH // t))
+        bs = -(-bs // per) * per
         for lo in range(0, len(group), bs):
             chunk = group[lo : lo + bs]
             tokens = np.zeros((bs, t), np.int32)
@@ -275,10 +302,7 @@ def score_tokens(
                 targets[b, :k] = row.targets
                 tmask[b, :k] = True
                 shared[b, : len(row.shared)] = row.shared
-            out = continuation_scores(
-                base, lora, masks, jnp.asarray(tokens), jnp.asarray(starts), jnp.asarray(targets),
-                jnp.asarray(tmask), jnp.asarray(shared), config, lora_cfg,
-            )
+            out = call(tokens, starts, targets, tmask, shared)
             if pending is not None:
                 collect(*pending)
             pending = (chunk, out)

@@ -16,10 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from jax.sharding import Mesh
 
 from ..config import LlamaConfig, LoraConfig
 from ..data.tasks import load_task_docs
-from ..models.llama_params import stack_layers
+from ..models.llama_params import place_base, stack_layers
 from .loglikelihood import encode_requests, score_tokens
 from .zeroshot_tasks import Doc, Task, choice_metrics, doc_to_requests, get_task, mean_stderr
 
@@ -99,9 +100,13 @@ def evaluate_task(
     )
 
 
-def prepare_base(base: dict[str, Any], config: LlamaConfig) -> dict[str, Any]:
+def prepare_base(base: dict[str, Any], config: LlamaConfig, mesh: Mesh | None = None
+                 ) -> dict[str, Any]:
     """Stack the layers of a uniform model (``lax.scan``: faster to compile); a pruned model
-    with per-layer widths stays a list."""
+    with per-layer widths stays a list. With a ``mesh``: the base placed on it (as is when
+    already there; see ``models.llama_params.place_base``)."""
+    if mesh is not None:
+        return place_base(base, config, mesh)
     if config.is_uniform and isinstance(base["layers"], list):
         return stack_layers(base)
     return base
@@ -124,20 +129,24 @@ def run_zeroshot(
     progress: bool = True,
     keep_samples: bool = False,
     log: Callable[[str], None] | None = None,
+    mesh: Mesh | None = None,
 ) -> dict[str, TaskResult]:
     """Evaluate ``tasks`` (names of :data:`TASKS`) on their documents (the first ``limit`` of
-    each) from ``data_dir`` (release files, or tfds with ``source="tfds"``)."""
+    each) from ``data_dir`` (release files, or tfds with ``source="tfds"``). With a ``mesh``
+    the base is placed on it (unless it already is) and each call's rows are split over its
+    batch axes; log-likelihoods equal one device's to float tolerance."""
     for name in tasks:
         get_task(name)
     docs = {
         name: load_task_docs(name, data_dir, source=source, limit=limit) for name in tasks
     }  # all data first: a missing file fails before any compute
-    base = prepare_base(base, config)
+    base = prepare_base(base, config, mesh)
     results: dict[str, TaskResult] = {}
     for name in tasks:
         res = evaluate_task(
             base, config, tokenizer, name, docs[name], lora=lora, masks=masks, lora_cfg=lora_cfg,
             batch_size=batch_size, bucket=bucket, progress=progress, keep_samples=keep_samples,
+            mesh=mesh,
         )
         results[name] = res
         if log is not None:

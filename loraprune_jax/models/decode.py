@@ -13,6 +13,7 @@ has emitted EOS) in one jitted function, compiled once per (batch, padded prompt
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import time
@@ -21,11 +22,16 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
 from ..config import LlamaConfig, LoraConfig
 from ..core.lora import lora_linear
+from ..parallel.mesh import (
+    activation_sharding, batch_multiple, batch_sharding, constrain, global_array, host_tree,
+)
 from .attention import rms_norm, rope_tables
 from .llama import attention_inputs, logits_from_hidden, mlp
+from .llama_params import place_base
 from .quant import project
 
 Array = jax.Array
@@ -52,16 +58,21 @@ def init_cache(
     """
     dtype = dtype or config.jnp_dtype
     hd = config.head_dim
+    names = ("batch", "seq", "kv_heads", None)  # pinned to the mesh when one is active
+
+    def zeros(shape: tuple[int, ...], logical: tuple[str | None, ...]) -> Array:
+        return constrain(jnp.zeros(shape, dtype), logical)
+
     if stacked:
         if not config.is_uniform:
             raise ValueError("a stacked cache needs uniform layer widths")
         shape = (config.num_layers, batch, max_len, config.num_kv_heads, hd)
-        layers: Any = {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+        layers: Any = {"k": zeros(shape, ("layers",) + names), "v": zeros(shape, ("layers",) + names)}
     else:
         layers = [
             {
-                "k": jnp.zeros((batch, max_len, config.kv_heads(i), hd), dtype),
-                "v": jnp.zeros((batch, max_len, config.kv_heads(i), hd), dtype),
+                "k": zeros((batch, max_len, config.kv_heads(i), hd), names),
+                "v": zeros((batch, max_len, config.kv_heads(i), hd), names),
             }
             for i in range(config.num_layers)
         ]
@@ -144,7 +155,8 @@ def _extend(base, config, tokens, cache, lora, masks, lora_cfg, last_only):
     causal = jnp.tril(jnp.ones((t, t), dtype=bool))
     new_ok = causal[None] & (slots[None, None, :] >= start[:, None, None])  # (B, T, T)
 
-    x = jnp.take(base["embed"], tokens, axis=0).astype(base["embed"].dtype)
+    table = constrain(base["embed"], (None, None))  # whole on every device, as in llama.forward
+    x = jnp.take(table, tokens, axis=0).astype(base["embed"].dtype)
     block = functools.partial(_cached_block, cos=cos, sin=sin, cache_ok=cache_ok, new_ok=new_ok,
                               config=config, scale=scale)
     layers = base["layers"]
@@ -238,12 +250,21 @@ def _sample(logits, key, temperature, top_p, greedy, top_k, use_top_p):
 # ----------------------------------------------------------------------------- generation
 @functools.partial(
     jax.jit,
-    static_argnames=("config", "lora_cfg", "max_new_tokens", "greedy", "top_k", "use_top_p"),
+    static_argnames=("config", "lora_cfg", "max_new_tokens", "greedy", "top_k", "use_top_p",
+                     "mesh"),
 )
 def _generate_jit(base, lora, masks, tokens, start, key, temperature, top_p, eos_id, *, config,
-                  lora_cfg, max_new_tokens, greedy, top_k, use_top_p):
+                  lora_cfg, max_new_tokens, greedy, top_k, use_top_p, mesh=None):
     """Prefill + decode loop; returns (new tokens (B, N) filled with eos after a row stops,
-    number of steps run)."""
+    number of steps run). With a ``mesh`` activations and the cache are pinned to it."""
+    with activation_sharding(mesh) if mesh is not None else contextlib.nullcontext():
+        return _generate_loop(base, lora, masks, tokens, start, key, temperature, top_p, eos_id,
+                              config=config, lora_cfg=lora_cfg, max_new_tokens=max_new_tokens,
+                              greedy=greedy, top_k=top_k, use_top_p=use_top_p)
+
+
+def _generate_loop(base, lora, masks, tokens, start, key, temperature, top_p, eos_id, *, config,
+                   lora_cfg, max_new_tokens, greedy, top_k, use_top_p):
     b, t = tokens.shape
     n = max_new_tokens
     stacked = isinstance(base["layers"], dict)
@@ -308,6 +329,7 @@ def generate(
     lora_cfg: LoraConfig | None = None,
     bucket: int = 32,
     timings: dict[str, float] | None = None,
+    mesh: Mesh | None = None,
 ) -> np.ndarray:
     """New tokens ``(B, <= max_new_tokens)`` after each prompt (greedy when ``temperature == 0``).
 
@@ -316,7 +338,11 @@ def generate(
     stops and is padded with it; the result ends when every row has stopped. ``lora``/``masks``
     run the unmerged masked model; layouts (list or stacked) follow ``base``. With a
     ``timings`` dict the call is compiled ahead of time and ``compile_s``/``run_s`` are recorded
-    there (that path does not reuse the jit cache; meant for one-off CLI runs).
+    there (that path does not reuse the jit cache; meant for one-off CLI runs). With a ``mesh``
+    the base is placed on it (unless it already is), the rows are split over its ``data`` x
+    ``fsdp`` axes (padded with copies of the first row to a multiple of their size) and so is
+    the KV cache; greedy tokens equal one device's (sampled ones need not: padding changes the
+    shape the random draws are made for).
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
@@ -330,8 +356,18 @@ def generate(
     if key is None or isinstance(key, int):
         key = jax.random.PRNGKey(key or 0)
     greedy = temperature == 0.0
+    rows = tokens.shape[0]
+    if mesh is None:
+        tokens_in, start_in = jnp.asarray(tokens), jnp.asarray(start)
+    else:
+        base = place_base(base, config, mesh)
+        pad = -rows % batch_multiple(mesh)
+        tokens = np.concatenate([tokens, np.repeat(tokens[:1], pad, axis=0)])
+        start = np.concatenate([start, np.repeat(start[:1], pad)])
+        tokens_in = global_array(tokens, batch_sharding(mesh, 2, 0))
+        start_in = global_array(start, batch_sharding(mesh, 1, 0))
     args = (
-        base, lora, masks, jnp.asarray(tokens), jnp.asarray(start), key,
+        base, lora, masks, tokens_in, start_in, key,
         jnp.float32(temperature if not greedy else 1.0),
         jnp.float32(top_p if top_p is not None else 1.0),
         jnp.int32(-1 if eos_id is None else eos_id),
@@ -340,7 +376,7 @@ def generate(
         config=config, lora_cfg=lora_cfg if lora is not None else None,
         max_new_tokens=int(max_new_tokens), greedy=greedy,
         top_k=None if greedy or top_k is None else int(top_k),
-        use_top_p=not greedy and top_p is not None and top_p < 1.0,
+        use_top_p=not greedy and top_p is not None and top_p < 1.0, mesh=mesh,
     )
     if timings is None:
         out, steps = _generate_jit(*args, **static)
@@ -350,7 +386,8 @@ def generate(
         t1 = time.perf_counter()
         out, steps = jax.block_until_ready(compiled(*args))
         timings["compile_s"], timings["run_s"] = t1 - t0, time.perf_counter() - t1
-    return np.asarray(out)[:, : int(steps)]
+    out, steps = host_tree((out, steps))
+    return out[:rows, : int(steps)]
 
 
 __all__ = ["decode_step", "filter_logits", "generate", "init_cache", "pad_prompts", "prefill"]

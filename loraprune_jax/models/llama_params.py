@@ -13,7 +13,9 @@ from jax.sharding import Mesh
 
 from ..config import PROJECTIONS, LlamaConfig, LoraConfig
 from ..core.trees import unstack
-from ..parallel.mesh import DEFAULT_RULES, Rules, check_divisible, param_shardings, place_tree
+from ..parallel.mesh import (
+    DEFAULT_RULES, Rules, check_divisible, is_placed, param_shardings, place_tree,
+)
 from .llama import forward
 from .quant import QTYPE, QArray, check_base_dtype, is_quantized
 
@@ -263,3 +265,13 @@ def shard_base(base: dict[str, Any], config: LlamaConfig, mesh: Mesh, rules: Rul
     shape = {**base, "layers": dict(layers[0]) if stacked and isinstance(layers, list)
              else layers}
     return place_tree(base, logical_axes(shape), mesh, rules, stacked=stacked, dtype=dtype)
+
+
+def place_base(base: dict[str, Any], config: LlamaConfig, mesh: Mesh,
+               rules: Rules = DEFAULT_RULES) -> dict[str, Any]:
+    """``base`` on ``mesh``: as it is when it already lies there (placed by :func:`shard_base`),
+    else :func:`shard_base` of it (layers stacked when uniform). Checks the widths either way."""
+    if is_placed(base, mesh):
+        check_widths(config, mesh, rules)
+        return base
+    return shard_base(base, config, mesh, rules)

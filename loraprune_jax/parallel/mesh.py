@@ -223,6 +223,12 @@ def batch_sharding(mesh: Mesh, ndim: int = 3, batch_axis: int = 1,
     return NamedSharding(mesh, spec_for(names, rules))
 
 
+def batch_multiple(mesh: Mesh, rules: Rules = DEFAULT_RULES) -> int:
+    """The number of devices a batch is split over (``data`` x ``fsdp``): batches are padded to a
+    multiple of it."""
+    return _axis_size(mesh, dict(rules).get("batch"))
+
+
 def check_batch(micro_batch_size: int, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> None:
     """The micro-batch must split evenly over the batch axes."""
     n = _axis_size(mesh, dict(rules).get("batch"))
@@ -295,6 +301,15 @@ def place_tree(host: dict[str, Any], axes: dict[str, Any], mesh: Mesh, rules: Ru
                                                 sharding, *per_layer)
     out["layers"] = stacked_layers
     return out
+
+
+def is_placed(tree: Any, mesh: Mesh) -> bool:
+    """Whether every leaf of ``tree`` is a ``jax.Array`` laid out by a ``NamedSharding`` on
+    ``mesh`` (a tree :func:`place_tree` made), so it need not be placed again."""
+    leaves = jax.tree.leaves(tree)
+    return bool(leaves) and all(
+        isinstance(x, jax.Array) and isinstance(x.sharding, NamedSharding)
+        and x.sharding.mesh == mesh for x in leaves)
 
 
 def host_tree(tree: Any) -> Any:
