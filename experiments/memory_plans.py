@@ -5,9 +5,13 @@ gradients), nothing allocated.
     .venv/bin/python experiments/memory_plans.py                  # the default plan, ~5 min
     .venv/bin/python experiments/memory_plans.py --models 7b --meshes fsdp:8 --remat on off \
         --json plans.json --markdown
+    # the int8 base against bf16, one device and the smallest meshes fitting 16 / 32 / 80 GiB (~8 min)
+    .venv/bin/python experiments/memory_plans.py --models 7b 13b 30b 65b --criteria lora \
+        --meshes none fsdp:2 fsdp:4 fsdp:8 fsdp:16 fsdp:32 fsdp:64 --base-dtypes bfloat16 int8 --fit
 
 Every array is an abstract `jax.ShapeDtypeStruct` carrying its `NamedSharding` (the base by
-`parallel.mesh.param_shardings`, stacked layers; LoRA, optimizer state, masks and key replicated;
+`parallel.mesh.param_shardings`, stacked layers, with `--base-dtypes int8` its projections as
+int8 values and float32 scales; LoRA, optimizer state, masks and key replicated;
 the batch split over data x fsdp). The step of `train.step.make_train_step` is lowered and compiled
 for the mesh, and XLA's memory analysis of the compiled per-device program gives argument, output,
 alias and temporary bytes; total = argument + output + temp - alias (the donated train state is
@@ -37,7 +41,7 @@ import time
 from typing import Any
 
 GiB = 2**30
-HBM = {"v5e": 16, "v4": 32}  # GiB per chip
+HBM = {"v5e": 16, "v4": 32, "A100/H100": 80}  # GiB per chip
 
 MODELS: dict[str, dict[str, Any]] = {
     # LLaMA-1 shapes (vocab 32000, head_dim 128, untied head, rope 1e4) and LLaMA-3-8B (GQA).
@@ -75,6 +79,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--criteria", nargs="+", default=["lora", "vanilla"],
                     help="criteria to compile (e.g. lora vanilla fisher); each row's 'against' "
                          "column compares lora with vanilla and any other criterion with lora")
+    ap.add_argument("--base-dtypes", nargs="+", default=["bfloat16"], choices=["bfloat16", "int8"],
+                    help="how the frozen base is held: bfloat16, or int8 projections (one float32 "
+                         "scale per output channel; base_dtype=int8); each is compiled")
+    ap.add_argument("--fit", action="store_true",
+                    help="per model and base: stop at the first mesh (in the order given) whose "
+                         "total fits the smallest HBM size, and list the smallest mesh fitting each")
     ap.add_argument("--licm", action="store_true",
                     help="keep XLA CPU's while-loop-invariant code motion (f32 copies of all weights)")
     ap.add_argument("--execute", action="store_true",
@@ -125,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     import jax
     import jax.numpy as jnp
 
-    from loraprune_jax.config import LlamaConfig, LoraConfig, PruneConfig, TrainConfig
+    from loraprune_jax.config import PROJECTIONS, LlamaConfig, LoraConfig, PruneConfig, TrainConfig
+    from loraprune_jax.models.quant import quantize_abstract
     from loraprune_jax.models.llama_params import layer_shapes
     from loraprune_jax.models.lora import init_lora
     from loraprune_jax.models.llama_params import base_shardings
@@ -140,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
         kw = {"vocab_size": 32000, "head_dim": 128, "rope_theta": 1e4, **MODELS[model]}
         return LlamaConfig(**kw, rms_norm_eps=1e-6, tie_word_embeddings=False, dtype="bfloat16")
 
-    def abstract_base(cfg: LlamaConfig, shardings: dict[str, Any] | None) -> dict[str, Any]:
+    def abstract_base(cfg: LlamaConfig, shardings: dict[str, Any] | None,
+                      base_dtype: str | None) -> dict[str, Any]:
         dt, n = cfg.jnp_dtype, cfg.num_layers
         d, v = cfg.hidden_size, cfg.vocab_size
         sh = shardings or {"layers": {}}
@@ -148,11 +160,17 @@ def main(argv: list[str] | None = None) -> int:
         def sds(shape: tuple[int, ...], s: Any) -> jax.ShapeDtypeStruct:
             return jax.ShapeDtypeStruct(shape, dt, sharding=s)
 
+        def weight(k: str, shape: tuple[int, ...]) -> Any:
+            s = sh["layers"].get(k)
+            if base_dtype != "int8" or k not in PROJECTIONS:
+                return sds((n, *shape), s)
+            return quantize_abstract(sds((n, *shape), None), s and s.qvalue, s and s.scale)
+
         return {
             "embed": sds((v, d), sh.get("embed")),
             "final_norm": sds((d,), sh.get("final_norm")),
             "lm_head": sds((d, v), sh.get("lm_head")),
-            "layers": {k: sds((n, *s), sh["layers"].get(k)) for k, s in layer_shapes(cfg, 0).items()},
+            "layers": {k: weight(k, s) for k, s in layer_shapes(cfg, 0).items()},
         }
 
     def with_sharding(tree: Any, sharding: Any) -> Any:
@@ -165,16 +183,22 @@ def main(argv: list[str] | None = None) -> int:
     results: list[dict[str, Any]] = []
     sanity: dict[str, str] = {}
     log(f"backend {jax.default_backend()}, {len(jax.devices())} devices; XLA_FLAGS={os.environ['XLA_FLAGS']!r}")
-    for model, spec, remat in rows:
+    fitted: set[tuple[str, str]] = set()  # (model, base) already fitting the smallest HBM (--fit)
+    smallest = min(HBM.values())
+    for (model, spec, remat), base_name in ((r, b) for r in rows for b in args.base_dtypes):
+        if args.fit and (model, base_name) in fitted:
+            continue
+        base_dtype = "int8" if base_name == "int8" else None
         cfg = config_for(model)
         n_dev = mesh_devices(spec)
         mesh = None if spec == "none" else pm.make_mesh(spec, devices=jax.devices()[:n_dev])
         sizes = pm.mesh_sizes(mesh) if mesh is not None else {"data": 1, "fsdp": 1, "tensor": 1}
         shards = sizes["data"] * sizes["fsdp"]
         micro = args.micro_batch * shards
-        shardings = base_shardings(cfg, mesh, stacked=True) if mesh is not None else None
+        shardings = (base_shardings(cfg, mesh, stacked=True, base_dtype=base_dtype)
+                     if mesh is not None else None)
         rep = pm.replicated(mesh) if mesh is not None else None
-        base = abstract_base(cfg, shardings)
+        base = abstract_base(cfg, shardings, base_dtype)
         lora = jax.eval_shape(lambda b: init_lora(jax.random.PRNGKey(0), b, lc), base)
         masks = with_sharding(jax.eval_shape(lambda: init_masks(cfg, stacked=True)), rep)
         key = with_sharding(jax.eval_shape(lambda: jax.random.PRNGKey(0)), rep)
@@ -184,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
         for crit in args.criteria:
             tc = TrainConfig(seq_len=args.seq_len, micro_batch_size=micro, grad_accum=1, remat=remat)
             state = with_sharding(jax.eval_shape(lambda l, m: init_state(l, m, tc), lora, masks), rep)
-            step = make_train_step(cfg, lc, tc, PruneConfig(criterion=crit), mesh=mesh)
+            step = make_train_step(cfg, lc, tc, PruneConfig(criterion=crit), mesh=mesh,
+                                   base_dtype=base_dtype)
             t0 = time.perf_counter()
             lowered = step.lower(state, base, masks, batch, key)
             t1 = time.perf_counter()
@@ -195,11 +220,12 @@ def main(argv: list[str] | None = None) -> int:
             alias, temp = mem.alias_size_in_bytes, mem.temp_size_in_bytes
             row = {
                 "model": NAMES[model], "key": model, "params_b": params / 1e9, "mesh": spec,
+                "base": base_name,
                 "devices": n_dev, "criterion": crit, "remat": remat, "seq_len": args.seq_len,
                 "micro_batch": micro, "per_shard_batch": args.micro_batch,
                 "argument_gib": arg / GiB, "output_gib": out / GiB, "alias_gib": alias / GiB,
                 "temp_gib": temp / GiB, "total_gib": (arg + out + temp - alias) / GiB,
-                "weights_per_device_gib": params * 2 / n_dev / GiB,
+                "weights_per_device_gib": nbytes(base) / n_dev / GiB,
                 "state_gib": nbytes(state) / GiB, "lower_s": t1 - t0, "compile_s": t2 - t1,
                 "backend": jax.default_backend(),
             }
@@ -212,8 +238,10 @@ def main(argv: list[str] | None = None) -> int:
                 + (f", peak {row['peak_gib']:.2f} GiB" if "peak_gib" in row else "")
                 + f" (lower {t1 - t0:.1f} s, compile {t2 - t1:.1f} s)")
             del compiled, lowered
-        # Sanity: the sharded bf16 weights plus the replicated train state should be the arguments.
-        mine = [r for r in results if r["key"] == model and r["mesh"] == spec]
+        if args.fit and all(r["total_gib"] <= smallest for r in results[-len(args.criteria):]):
+            fitted.add((model, base_name))
+        # Sanity: the sharded weights plus the replicated train state should be the arguments.
+        mine = [r for r in results if r["key"] == model and r["mesh"] == spec and r["base"] == base_name]
         if len(mine) > len(args.criteria):
             continue  # this mesh was checked already (another remat setting)
         expect = mine[0]["weights_per_device_gib"] + mine[0]["state_gib"]
@@ -222,14 +250,18 @@ def main(argv: list[str] | None = None) -> int:
         sanity.setdefault(model, f"{NAMES[model]}: {params / 1e9:.2f}B params, bf16 weights "
                                  f"{params * 2 / GiB:.2f} GiB; replicated train state (LoRA f32 + AdamW "
                                  f"mu, nu + scores) {mine[0]['state_gib']:.3f} GiB + masks;")
-        sanity[model] += (f" {spec}: params*2/{n_dev} = {mine[0]['weights_per_device_gib']:.3f} GiB,"
-                          f" + state = {expect:.3f}, compiled argument {got:.3f} GiB{flag};")
+        sanity[model] += (f" {spec} {base_name}: weights/{n_dev} = "
+                          f"{mine[0]['weights_per_device_gib']:.3f} GiB, + state = {expect:.3f}, "
+                          f"compiled argument {got:.3f} GiB{flag};")
 
     table = markdown(results)
     print(table)
     print()
     for line in sanity.values():
         print("* " + line.rstrip(";"))
+    if args.fit:
+        print()
+        print(fit_table(results))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"rows": results, "xla_flags": os.environ["XLA_FLAGS"],
@@ -256,25 +288,45 @@ def execute(jax: Any, jnp: Any, compiled: Any, state: Any, base: Any, masks: Any
     return int(stats.get("peak_bytes_in_use", 0))
 
 
+def fit_table(rows: list[dict[str, Any]]) -> str:
+    """Per model, criterion and base: one device's total, and the fewest devices (of the meshes
+    compiled) whose per-device total fits each HBM size."""
+    lines = ["| model | criterion | base | one device GiB | "
+             + " | ".join(f"fits {v} GiB ({k})" for k, v in sorted(HBM.items(), key=lambda kv: kv[1]))
+             + " |", "| --- | --- | --- | ---: |" + " --- |" * len(HBM)]
+    keys = dict.fromkeys((r["model"], r["criterion"], r["base"]) for r in rows)
+    for model, crit, base in keys:
+        mine = sorted((r for r in rows if (r["model"], r["criterion"], r["base"]) == (model, crit, base)),
+                      key=lambda r: r["devices"])
+        one = next((f"{r['total_gib']:.2f}" for r in mine if r["devices"] == 1), "-")
+        cells = []
+        for _, size in sorted(HBM.items(), key=lambda kv: kv[1]):
+            fit = next((r for r in mine if r["total_gib"] <= size), None)
+            where = "one device" if fit and fit["devices"] == 1 else fit and fit["mesh"]
+            cells.append(f"{where} ({fit['total_gib']:.2f})" if fit else "none compiled")
+        lines.append(f"| {model} | {crit} | {base} | {one} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def markdown(rows: list[dict[str, Any]]) -> str:
     peak = any("peak_gib" in r for r in rows)
-    head = ("| model | params (B) | mesh | devices | criterion | remat | seq x global batch | args GiB "
-            "| out GiB | alias GiB | temp GiB | total GiB/device | against | fits (v5e 16, v4 32 GiB) "
+    head = ("| model | params (B) | mesh | devices | base | criterion | remat | seq x global batch | args GiB "
+            "| out GiB | alias GiB | temp GiB | total GiB/device | against | fits (v5e 16, v4 32, 80 GiB) "
             "| compile s |")
     lines = [head + (" peak GiB |" if peak else ""),
-             "| --- | ---: | --- | ---: | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |"
+             "| --- | ---: | --- | ---: | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |"
              + (" ---: |" if peak else "")]
     for r in rows:
         ratio = ""
         if r["criterion"] != "vanilla":  # lora against vanilla, every other criterion against lora
             ref = "vanilla" if r["criterion"] == "lora" else "lora"
             same = [v for v in rows if v["criterion"] == ref and
-                    all(v[k] == r[k] for k in ("key", "mesh", "remat", "seq_len", "micro_batch"))]
+                    all(v[k] == r[k] for k in ("key", "mesh", "base", "remat", "seq_len", "micro_batch"))]
             if same:
                 ratio = f"{100 * (r['total_gib'] / same[0]['total_gib'] - 1):+.1f}% vs {ref}"
         fits = "+".join(k for k, v in sorted(HBM.items(), key=lambda kv: kv[1]) if r["total_gib"] <= v) or "no"
         lines.append(
-            f"| {r['model']} | {r['params_b']:.2f} | {r['mesh']} | {r['devices']} | {r['criterion']} | "
+            f"| {r['model']} | {r['params_b']:.2f} | {r['mesh']} | {r['devices']} | {r['base']} | {r['criterion']} | "
             f"{'on' if r['remat'] else 'off'} | {r['seq_len']} x {r['micro_batch']} | "
             f"{r['argument_gib']:.2f} | {r['output_gib']:.2f} | {r['alias_gib']:.2f} | {r['temp_gib']:.2f} | "
             f"**{r['total_gib']:.2f}** | {ratio} | {fits} | {r['compile_s']:.1f} |"
