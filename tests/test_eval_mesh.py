@@ -119,6 +119,7 @@ def test_greedy_generation_on_a_mesh_equals_one_device(tiny, spec):
     np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.slow
 def test_generation_of_a_pruned_model_and_text_on_a_mesh(tiny):
     cfg, base = pruned()
     tok = tiny[2]
@@ -142,6 +143,7 @@ def test_cli_eval_with_mesh_prints_the_same_perplexity(tiny_dir, tmp_path, capsy
     assert "mesh data:1,fsdp:8,tensor:1" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_cli_zeroshot_with_mesh_writes_the_same_results(tiny_dir, tmp_path):
     args = ["zeroshot", "--model", str(tiny_dir), "--tasks", "winogrande", "piqa", "--data-dir",
             str(DATA), "--limit", "2", "--samples", "--no-progress"]
@@ -156,6 +158,7 @@ def test_cli_zeroshot_with_mesh_writes_the_same_results(tiny_dir, tmp_path):
             np.testing.assert_allclose(g["lls"], w["lls"], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_cli_generate_with_mesh_prints_the_same_text(tiny_dir, capsys):
     args = ["generate", "--model", str(tiny_dir), "--prompt", "Hello there", "--prompt", "ab",
             "--prompt", "xyz", "--max-new-tokens", "6"]

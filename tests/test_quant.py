@@ -22,7 +22,7 @@ from loraprune_jax.parallel.mesh import make_mesh
 from loraprune_jax.train.step import init_state, make_train_step
 
 
-FAST = {("lora", "structured"), ("vanilla", "unstructured")}
+FAST = {("lora", "structured")}
 
 
 def _weights(shape=(96, 40), seed=0) -> np.ndarray:
@@ -87,7 +87,7 @@ def _tiny(stacked: bool, seed: int = 0):
     return config, q, f
 
 
-@pytest.mark.parametrize("stacked", [False, True])
+@pytest.mark.parametrize("stacked", [pytest.param(False, marks=pytest.mark.slow), True])
 def test_forward_and_lora_grads_equal_the_dequantized_float_base(stacked, tokens):
     config, q, f = _tiny(stacked)
     lora_cfg = LoraConfig(rank=4, alpha=8.0)
@@ -193,6 +193,7 @@ def test_w8a8_forward_is_close_and_its_gradient_is_the_float_one(tokens):
     assert float(jnp.max(jnp.abs(logits8 - logits))) < 0.05 * float(jnp.max(jnp.abs(logits)))
 
 
+@pytest.mark.slow
 def test_cli_commands_with_an_int8_base_on_one_device_and_a_mesh(tmp_path, capsys):
     """eval, zeroshot and generate take --base-dtype int8: perplexity within 1% of float (and not
     equal to it), and the same numbers on a mesh as on one device."""
