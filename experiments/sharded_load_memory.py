@@ -3,8 +3,7 @@ whole load (``load_hf_dir(as_numpy=True)`` then ``shard_base``) against the lazy
 read (``load_hf_dir(lazy=True)`` then ``shard_base``: each process reads from the safetensors
 files only the slices its devices hold).
 
-    cd /work/wt-b && PYTHONPATH=. /work/main/.venv/bin/python experiments/sharded_load_memory.py \
-        --dir /tmp/sharded_load_ckpt
+    .venv/bin/python experiments/sharded_load_memory.py --dir /tmp/sharded_load_ckpt
 
 writes a random LLaMA-shaped bf16 checkpoint (hidden 1024, 8 layers, vocab 32000, MLP 2816,
 untied LM head: about 335 MB) into ``--dir`` unless one is there, then for each way launches

@@ -255,7 +255,9 @@ def place_tree(host: dict[str, Any], axes: dict[str, Any], mesh: Mesh, rules: Ru
 
     With ``stacked`` the list ``host["layers"]`` is stacked on a leading axis without ever
     building the whole stacked array on the host: each device's shard is read from the
-    per-layer arrays. ``dtype`` casts each shard as it is read.
+    per-layer arrays. Leaves may be anything with ``.shape`` and slicing (numpy arrays, lazy
+    file tensors); a node of several arrays (an int8 weight's values and scales) is placed child
+    by child. ``dtype`` casts each plain leaf's shard as it is read, never a node's children.
     """
     shardings = param_shardings(axes, mesh, rules)
 
