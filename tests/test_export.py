@@ -96,7 +96,7 @@ def test_per_layer_export_loads_with_remote_code(kind, tied, tokens, tmp_path):
     out = export_hf(tmp_path / "pruned", small_cfg, small, tiny_tokenizer())
     assert REMOTE_FILES <= set(os.listdir(out))
     hf_cfg = json.loads((out / "config.json").read_text())
-    assert hf_cfg["model_type"] == "pruned_llama"
+    assert hf_cfg["model_type"] == "llama"  # known to transformers: no question, no warning
     assert hf_cfg["architectures"] == ["PrunedLlamaForCausalLM"]
     assert set(hf_cfg["auto_map"]) == {"AutoConfig", "AutoModelForCausalLM"}
     assert hf_cfg["layer_num_heads"][1] == 0 and hf_cfg["layer_intermediate_size"][2] == 0
@@ -286,6 +286,41 @@ def test_load_adapters_errors(tmp_path):
     (tmp_path / "adapters.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="corrupt"):
         load_adapters(tmp_path)
+
+
+LOAD_LIKE_A_HUB_MODEL = """
+import sys, warnings
+import transformers
+warnings.simplefilter("always")
+transformers.logging.set_verbosity_warning()
+tok = transformers.AutoTokenizer.from_pretrained(sys.argv[1])
+print("ids", tok("hello world")["input_ids"])
+model = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True)
+print("model", type(model).__name__, sum(p.numel() for p in model.parameters()))
+"""
+
+
+@pytest.mark.parametrize("widths", ["per-layer", "heads-not-dividing-hidden"])
+def test_pruned_export_loads_like_a_hub_model_with_stdin_closed(tmp_path, widths):
+    """AutoTokenizer with no prompt and no trust_remote_code; the model with trust_remote_code
+    and no warning; nothing read from standard input."""
+    import subprocess
+    import sys
+
+    if widths == "per-layer":
+        cfg = tiny_config("gqa").with_widths((6, 3, 6), (2, 1, 2), (40, 20, 40))
+    else:  # uniform, but 3 heads of 8 in a 40-wide model: LlamaConfig alone would refuse it
+        cfg = tiny_config("mha", hidden_size=40, num_heads=3, num_kv_heads=3)
+    assert needs_remote_code(cfg)
+    out = export_hf(tmp_path / "pruned", cfg, init_base(cfg, 0), tiny_tokenizer())
+    res = subprocess.run([sys.executable, "-c", LOAD_LIKE_A_HUB_MODEL, str(out)],
+                         stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert "ids [3, 4]" in res.stdout
+    assert f"model PrunedLlamaForCausalLM {cfg.num_params()}" in res.stdout
+    for unwanted in ("custom code", "[y/N]", "trust_remote_code", "model of type", "Warning"):
+        assert unwanted not in res.stderr, res.stderr
+    assert load_hf_dir(out)[0] == cfg  # the per-layer lists count, not the uniform fields
 
 
 def test_pruned_export_tokenizer_loads_without_asking_to_trust_code(tmp_path, monkeypatch):

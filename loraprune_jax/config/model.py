@@ -149,7 +149,7 @@ class LlamaConfig:
         eos = cfg.get("eos_token_id")
         if isinstance(eos, list):
             eos = eos[0] if eos else None
-        return cls(
+        config = cls(
             vocab_size=int(cfg["vocab_size"]),
             hidden_size=int(cfg["hidden_size"]),
             intermediate_size=int(cfg["intermediate_size"]),
@@ -168,6 +168,13 @@ class LlamaConfig:
             layer_num_kv_heads=cfg.get("layer_num_kv_heads"),
             layer_intermediate_size=cfg.get("layer_intermediate_size"),
         )
+        if config.layer_num_heads or config.layer_num_kv_heads or config.layer_intermediate_size:
+            # the per-layer lists count (an export's uniform fields may only satisfy transformers)
+            n = range(config.num_layers)
+            config = config.with_widths(tuple(config.heads(i) for i in n),
+                                        tuple(config.kv_heads(i) for i in n),
+                                        tuple(config.ffn(i) for i in n))
+        return config
 
     def to_hf_dict(self) -> dict[str, Any]:
         """A HF ``LlamaConfig``-compatible dict (plus per-layer widths when not uniform)."""

@@ -7,6 +7,11 @@ transformers 5's ``LlamaConfig`` rejects) the directory also carries a few lines
 (``configuration_pruned_llama.py``, ``modeling_pruned_llama.py``, ``auto_map`` in
 ``config.json``) so that ``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)``
 builds each layer at its own widths. :func:`loraprune_jax.io.hf.load_hf_dir` reads both kinds.
+Its ``model_type`` stays ``llama`` and its uniform ``num_attention_heads`` one that transformers'
+``LlamaConfig`` accepts (the widest layer's, or 1 where that does not divide ``hidden_size``; the
+per-layer lists are what counts), so ``AutoTokenizer.from_pretrained(dir)`` loads the tokenizer
+with no question about remote code, and the model loads with ``trust_remote_code=True`` and no
+warning about a model type that does not match.
 
 ``save_adapters`` / ``load_adapters`` keep the LoRA adapters and masks of a run *before* merge
 (so it can be inspected or resumed) in a small directory: ``lora.safetensors`` and
@@ -41,7 +46,8 @@ from loraprune_jax.io.hf import CONFIG_FILE, SafetensorsFile, _replace_dir, save
 from loraprune_jax.io.remote_code import read_sources
 from loraprune_jax.models.llama_params import stack_layers, unstack_layers
 
-REMOTE_MODEL_TYPE = "pruned_llama"
+# transformers resolves a known model_type locally, without asking to run the directory's code
+REMOTE_MODEL_TYPE = "llama"
 REMOTE_ARCHITECTURE = "PrunedLlamaForCausalLM"  # contains "Llama": LlamaConfig.from_hf_dict accepts it
 AUTO_MAP = {
     "AutoConfig": "configuration_pruned_llama.PrunedLlamaConfig",
@@ -76,9 +82,15 @@ def hf_config_dict(config: LlamaConfig) -> dict[str, Any]:
     if not needs_remote_code(config):
         return out
     n = config.num_layers
+    heads = max(config.heads(i) for i in range(n))
+    kv_heads = max(config.kv_heads(i) for i in range(n))
+    if heads == 0 or config.hidden_size % heads:  # LlamaConfig's one check; the lists count
+        heads = kv_heads = 1
     out.update(
         architectures=[REMOTE_ARCHITECTURE],
         model_type=REMOTE_MODEL_TYPE,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
         auto_map=dict(AUTO_MAP),
         layer_num_heads=[config.heads(i) for i in range(n)],
         layer_num_kv_heads=[config.kv_heads(i) for i in range(n)],

@@ -8,7 +8,8 @@ class PrunedLlamaConfig(LlamaConfig):
     ``layer_intermediate_size`` lists; the uniform fields hold the widest layer. ``head_dim`` is
     always explicit, so ``hidden_size`` need not be a multiple of the head count."""
 
-    model_type = "pruned_llama"
+    model_type = "llama"  # as in config.json: transformers then never asks to run this code
+    # for the config alone (AutoTokenizer), and no model-type mismatch is reported
 
     layer_num_heads: list[int] | None = None
     layer_num_kv_heads: list[int] | None = None
