@@ -21,6 +21,7 @@ EXTRAS = {
     "h5py": "vision",
     "PIL": "vision",
     "matplotlib": "plot",
+    "lm_eval": "harness",
 }
 
 
