@@ -1,6 +1,7 @@
 """``loraprune-jax zeroshot``: zero-shot accuracy of a model on chosen tasks, one line per task
-and an optional JSON file (:func:`loraprune_jax.eval.zeroshot.run_zeroshot` does the work), on
-one device or sharded over a ``--mesh`` (``--distributed``: over several processes)."""
+and an optional JSON file, on one device or sharded over a ``--mesh`` (``--distributed``: over
+several processes). A thin front end to lm-evaluation-harness: the harness's own task
+definitions on local files, scored by our model (:func:`loraprune_jax.eval.harness_eval.harness_zeroshot`)."""
 
 from __future__ import annotations
 
@@ -46,7 +47,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 def cmd_zeroshot(args: argparse.Namespace) -> int:
     """Zero-shot accuracy of a model on the chosen tasks; one line per task, optional JSON.
     With ``--mesh`` the model is sharded and each call's rows split: the same accuracies."""
-    from ..eval.zeroshot import run_zeroshot
+    from ..eval.harness_eval import harness_zeroshot
+    from ..eval.zeroshot import format_result
     from ..io.jsonfile import write_json
 
     tasks = list(TASK_NAMES) if "all" in args.tasks else list(dict.fromkeys(args.tasks))
@@ -63,11 +65,13 @@ def cmd_zeroshot(args: argparse.Namespace) -> int:
         raise ValueError(f"{args.model} has no tokenizer files; cannot tokenize prompts")
     print(f"model {args.model}: {config.num_params() / 1e6:.1f}M parameters, {config.dtype}{base_note(args)}, "
           f"loaded in {time.perf_counter() - start:.1f}s{mesh_note(mesh)}", file=sys.stderr)
-    results = run_zeroshot(
+    results = harness_zeroshot(
         base, config, tokenizer, tasks, data_dir=args.data_dir, source=source, limit=limit,
         batch_size=args.batch_size, progress=not args.no_progress,
-        keep_samples=bool(getattr(args, "samples", False)), log=print, mesh=mesh,
+        keep_samples=bool(getattr(args, "samples", False)), mesh=mesh,
     )
+    for r in results.values():
+        print(format_result(r))
     mean_acc = float(np.mean([r.acc for r in results.values()]))
     total = time.perf_counter() - start
     print(f"{'mean acc':<14} {mean_acc:.4f} over {len(results)} tasks  ({total:.1f}s in all)")

@@ -66,6 +66,24 @@ class LoraPruneJaxLM(LM):
         self._max_length = int(max_length) if max_length else self.config.max_position_embeddings
         self.max_gen_toks = int(max_gen_toks)
         self.pretrained = str(pretrained)
+        self.show_progress = True  # our progress bars (the harness's own are its business)
+
+    @classmethod
+    def from_model(cls, config: Any, base: dict[str, Any], tokenizer: Any, *,
+                   batch_size: int | None = None, mesh: Any = None, max_length: int | None = None,
+                   max_gen_toks: int = 256, name: str = "model") -> LoraPruneJaxLM:
+        """The harness model of an already loaded ``(config, base, tokenizer)`` (placed on
+        ``mesh`` when given, as ``load_for_eval`` places it)."""
+        if tokenizer is None:
+            raise ValueError(f"{name} has no tokenizer; the harness needs one")
+        lm = cls.__new__(cls)
+        LM.__init__(lm)
+        lm.mesh, lm.config, lm.base, lm.tokenizer = mesh, config, base, tokenizer
+        lm.batch_size = None if batch_size is None else int(batch_size)
+        lm._max_length = int(max_length) if max_length else config.max_position_embeddings
+        lm.max_gen_toks, lm.pretrained = int(max_gen_toks), name
+        lm.show_progress = True
+        return lm
 
     @property
     def max_length(self) -> int:
@@ -78,7 +96,8 @@ class LoraPruneJaxLM(LM):
     def _score(self, encoded: list[tuple[list[int], list[int]]], progress: bool,
                desc: str) -> tuple[np.ndarray, np.ndarray]:
         return score_tokens(self.base, self.config, encoded, batch_size=self.batch_size,
-                            max_length=self.max_length, progress=progress, desc=desc,
+                            max_length=self.max_length, progress=progress and self.show_progress,
+                            desc=desc,
                             mesh=self.mesh)
 
     def loglikelihood(self, requests: list[Any], disable_tqdm: bool = False
