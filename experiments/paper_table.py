@@ -12,7 +12,8 @@ Each pruned model is scored twice: the export (LoRA merged, the method's result)
 slicing of the original weights without LoRA ("w/o LoRA"), which shows what the adapters' training
 adds. Perplexity follows the LLM-Pruner protocol on each `--ppl NAME=SPEC` text (specs as for
 `data=`: `wikitext:FILE`, a .txt file, `wiki:heldout`, ...; PTB needs a user-supplied file);
-zero-shot accuracy (`acc`; lm-evaluation-harness semantics) on each task, and their average.
+zero-shot accuracy (`acc`) from lm-evaluation-harness itself (its task definitions on the local
+files, our model: `eval.harness_eval`) on each task, and their average.
 Writes `table.md`, `table.csv` and `ppl_vs_ratio.png` under --out.
 """
 
@@ -34,7 +35,7 @@ from loraprune_jax.config import CRITERIA, default_dtype  # noqa: E402
 from loraprune_jax.data import load_texts  # noqa: E402
 from loraprune_jax.data.packing import spread_windows, tokenize_join  # noqa: E402
 from loraprune_jax.eval.perplexity import perplexity  # noqa: E402
-from loraprune_jax.eval.zeroshot import run_zeroshot  # noqa: E402
+from loraprune_jax.eval.harness_eval import harness_zeroshot  # noqa: E402
 from loraprune_jax.io import load_adapters, load_model  # noqa: E402
 from loraprune_jax.models.llama_pruning import slice_and_merge  # noqa: E402
 
@@ -48,8 +49,8 @@ def score(base, config, tokenizer, args, ppl_ids, tasks: bool = True) -> dict[st
         row[f"ppl {name}"] = perplexity(base, config, win.reshape(-1), args.seq_len,
                                         progress=False).ppl
     if args.tasks and tasks:
-        results = run_zeroshot(base, config, tokenizer, args.tasks, data_dir=args.data_dir,
-                               limit=args.limit, progress=False)
+        results = harness_zeroshot(base, config, tokenizer, args.tasks, data_dir=args.data_dir,
+                                   limit=args.limit, progress=False)  # lm-evaluation-harness
         for task, res in results.items():
             row[task] = res.acc
         row["average"] = float(np.mean([res.acc for res in results.values()]))
