@@ -1,8 +1,11 @@
-"""Evaluation of a (pruned) model: perplexity (LLM-Pruner protocol, :mod:`.perplexity`), zero-shot
-multiple-choice accuracy with lm-evaluation-harness semantics (:mod:`.zeroshot`, with its tasks in
-:mod:`.zeroshot_tasks` and the batched log-likelihoods in :mod:`.loglikelihood`), and text
-generation with the KV-cache decoder (:mod:`.generate`). Only perplexity is imported here; the
-others load on first use."""
+"""Evaluation of a (pruned) model: perplexity (LLM-Pruner protocol, :mod:`.perplexity`); zero-shot
+accuracy through lm-evaluation-harness itself (our model as a harness model, :mod:`.harness`; the
+harness's task definitions on local files, :mod:`.harness_tasks`; what ``zeroshot`` runs,
+:mod:`.harness_eval`), over the batched log-likelihoods of :mod:`.loglikelihood`; the earlier
+hand-written task code (:mod:`.zeroshot`, :mod:`.zeroshot_tasks`), which the tests still hold the
+harness to; text generation with the KV-cache decoder (:mod:`.generate`); loading, int8 and
+placement of the evaluated model (:mod:`.loading`). Only perplexity is imported here; the others
+load on first use."""
 
 from .perplexity import PerplexityResult, perplexity, window_nll
 
