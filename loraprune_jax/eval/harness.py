@@ -47,12 +47,14 @@ class LoraPruneJaxLM(LM):
     (``int8``: the frozen projections in 8 bits), ``mesh`` (a mesh spec as ``prune``'s
     ``mesh=``; default one device), ``batch_size`` (rows per compiled call), ``max_length``
     (default the model's context length), ``max_gen_toks`` (default 256, as the ``hf`` model).
+    ``device`` and ``max_batch_size``, which the harness passes every model, are not used (JAX
+    places the model; ``mesh`` spreads it); any other argument is refused by name.
     """
 
     def __init__(self, pretrained: str = "smollm2", dtype: str | None = None,
                  base_dtype: str | None = None, mesh: str | None = None,
                  batch_size: int | str | None = None, max_length: int | None = None,
-                 max_gen_toks: int = 256, **unused: Any) -> None:
+                 max_gen_toks: int = 256, device: Any = None, max_batch_size: Any = None) -> None:
         super().__init__()
         from ..parallel.mesh import make_mesh
 
