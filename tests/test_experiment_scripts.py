@@ -169,6 +169,7 @@ def test_profile_step_on_a_tiny_model(tiny_run_inputs, capsys):
 
 
 # two groups of two jax.distributed processes on a 0.2 MB checkpoint: 13-22 s on two busy cores
+@pytest.mark.slow
 def test_sharded_load_memory_on_a_tiny_checkpoint(tmp_path):
     import sharded_load_memory as slm
 

@@ -46,6 +46,7 @@ def _task_dir(tmp_path: Path) -> Path:
     return tmp_path
 
 
+@pytest.mark.slow
 def test_simple_evaluate_by_name_scores_as_our_direct_loglikelihoods(tiny_dir, tmp_path,
                                                                      monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
@@ -101,6 +102,7 @@ def test_generate_until_is_our_greedy_generation_cut_at_the_stop_string(tiny_dir
     assert json.dumps(got)  # plain strings
 
 
+@pytest.mark.slow
 def test_the_harness_command_line_runs_our_model(tiny_dir, tmp_path):
     import os
     import subprocess

@@ -87,7 +87,8 @@ def _tiny(stacked: bool, seed: int = 0):
     return config, q, f
 
 
-@pytest.mark.parametrize("stacked", [pytest.param(False, marks=pytest.mark.slow), True])
+@pytest.mark.parametrize("stacked", [pytest.param(False, marks=pytest.mark.slow),
+                                     pytest.param(True, marks=pytest.mark.slow)])
 def test_forward_and_lora_grads_equal_the_dequantized_float_base(stacked, tokens):
     config, q, f = _tiny(stacked)
     lora_cfg = LoraConfig(rank=4, alpha=8.0)
