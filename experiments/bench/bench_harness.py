@@ -9,6 +9,13 @@ Each model is timed from construction to results (a new user's run: our first ru
 XLA compilation, no persistent cache). For ours the compilations are counted and timed with
 ``jax.monitoring`` (backend compile events, with tracing and lowering). The accuracies of both
 must be identical; the per-request log-likelihoods are compared too (largest difference).
+
+Measured (2 shared CPU cores, load average about 3.5, float32, piqa + arc_easy, 599 requests;
+the two runs of a line in one process): before the packed scoring hf 265.9 s, ours 53.8 s
+(36 compilations, 5.3 s compiling); after hf 203.7 s, ours 72.0 s (35, 9.3 s); identical
+accuracies, largest log-likelihood difference 9e-4. The machine's load swings more than the
+change: old against new ``score_tokens`` alternated in one process took 76.4 / 84.1 s (cold /
+warm) against 44.5 / 61.7 s.
 """
 
 from __future__ import annotations
@@ -38,7 +45,7 @@ def _listen(event: str, duration: float, **_: object) -> None:
 
 
 def run(model: str, model_args: str, tasks: list[str], manager, limit: int, batch_size):
-    """``simple_evaluate`` of one model: (wall seconds, results, samples)."""
+    """``simple_evaluate`` of one model: ``(wall seconds, its output with samples)``."""
     import lm_eval
 
     _stats.clear()
