@@ -12,12 +12,13 @@ special-token policy applies (BOS only when the tokenizer adds one; none when th
 starts with the BOS string); an empty context is replaced by the BOS (else EOS) token; sequences
 longer than ``max_length + 1`` tokens are truncated from the left.
 
-Scoring is batched: requests are turned into rows (input tokens, continuation targets), rows are
-grouped into length buckets (:func:`bucket_length`) with a fixed number of rows per call in each
-bucket, so the jitted :func:`continuation_scores` compiles once per bucket. Rows are
+Scoring is batched: requests are turned into rows (input tokens, continuation targets), rows
+sorted by length are cut into calls padded to the bucket (:func:`bucket_length`) of their
+longest row, with a fixed number of rows per bucket, so the jitted :func:`continuation_scores`
+compiles once per bucket that starts a call and no call carries empty rows but the last. Rows are
 right-padded, which a causal model cannot see. Requests whose continuation is a single token and
 whose inputs are identical (BoolQ's " no" / " yes") share one row, as the harness' logits cache
-does. Only the hidden states at the continuation positions go through the LM head.
+does. Only the hidden states at the continuation targets, packed, go through the LM head.
 """
 
 from __future__ import annotations
@@ -130,48 +131,44 @@ def _scores(
     lora: dict[str, Any] | None,
     masks: dict[str, Any] | None,
     tokens: jax.Array,
-    starts: jax.Array,
+    pos: jax.Array,
     targets: jax.Array,
-    target_mask: jax.Array,
+    last: jax.Array,
     shared: jax.Array,
     config: LlamaConfig,
     lora_cfg: LoraConfig | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-    """Log-likelihood of continuation targets for a right-padded batch.
+    """Log-probabilities of the continuation targets of a right-padded batch.
 
-    ``tokens`` ``(B, T)``: the model inputs; the prediction of ``targets[b, j]`` is read at input
-    position ``starts[b] + j`` where ``target_mask[b, j]``. ``shared`` ``(B, S)``: other tokens
-    scored at each row's *last* target position (one-token continuations sharing the row).
-    Returns, per row, the summed float32 log-probability of the masked targets, whether each of
-    them is the argmax (``is_greedy``), and for ``shared`` the log-probabilities and argmax flags.
+    ``tokens`` ``(B, T)``: the model inputs. ``pos`` ``(K,)``: flat positions (``b * T + i``)
+    whose prediction is scored against ``targets`` ``(K,)``: every target of every row, packed
+    (``K`` a multiple of ``B``; padding entries are ignored by the caller), so only they go
+    through the LM head. ``last``
+    ``(B,)``: the entry of each row's last target; ``shared`` ``(B, S)``: other tokens scored
+    there (one-token continuations sharing the row). Returns the float32 log-probability of each
+    target and whether it is the argmax (``is_greedy``), and for ``shared`` the same.
     """
     hidden = forward(base, lora, masks, tokens, config, lora_cfg, return_hidden=True)
-    t, c = tokens.shape[1], targets.shape[1]
-    pos = jnp.clip(starts[:, None] + jnp.arange(c)[None, :], 0, t - 1)
-    h = jnp.take_along_axis(hidden, pos[..., None], axis=1)  # (B, C, D)
-    logp = jax.nn.log_softmax(logits_from_hidden(base, h).astype(jnp.float32), axis=-1)
-    picked = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
-    ll = jnp.sum(jnp.where(target_mask, picked, 0.0), axis=1)
+    b, t, d = hidden.shape
+    k = pos.shape[0]
+    h = jnp.take(hidden.reshape(b * t, d), pos, axis=0)
+    logits = logits_from_hidden(base, h.reshape(b, k // b, d)).reshape(k, -1)
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    picked = jnp.take_along_axis(logp, targets[:, None], axis=-1)[:, 0]
     argmax = jnp.argmax(logp, axis=-1)
-    greedy = jnp.all(jnp.where(target_mask, argmax == targets, True), axis=1)
-    last = jnp.maximum(jnp.sum(target_mask, axis=1) - 1, 0)
-    last_logp = jnp.take_along_axis(logp, last[:, None, None], axis=1)[:, 0]  # (B, V)
-    shared_ll = jnp.take_along_axis(last_logp, shared, axis=1)
-    last_argmax = jnp.take_along_axis(argmax, last[:, None], axis=1)  # (B, 1)
-    return ll, greedy, shared_ll, last_argmax == shared
+    shared_ll = jnp.take_along_axis(jnp.take(logp, last, axis=0), shared, axis=1)
+    return picked, argmax == targets, shared_ll, jnp.take(argmax, last)[:, None] == shared
 
 
 continuation_scores = jax.jit(_scores, static_argnames=("config", "lora_cfg"))
 
 
 @functools.partial(jax.jit, static_argnames=("config", "lora_cfg", "mesh"))
-def _scores_on_mesh(base, lora, masks, tokens, starts, targets, target_mask, shared, config,
-                    lora_cfg, mesh):
+def _scores_on_mesh(base, lora, masks, tokens, pos, targets, last, shared, config, lora_cfg, mesh):
     """:func:`continuation_scores` traced with activations pinned to ``mesh`` (its own jit, so
     a trace without the mesh is never reused for one with it)."""
     with activation_sharding(mesh):
-        return _scores(base, lora, masks, tokens, starts, targets, target_mask, shared, config,
-                       lora_cfg)
+        return _scores(base, lora, masks, tokens, pos, targets, last, shared, config, lora_cfg)
 
 
 @dataclasses.dataclass
@@ -221,6 +218,32 @@ def bucket_length(n: int, step: int = 16) -> int:
     return 3 * p // 4 if 3 * p // 4 >= n else p
 
 
+def _plan(rows: list[_Row], bucket: int, batch_size: int | None, per: int
+          ) -> list[tuple[int, int, int, list[_Row]]]:
+    """Calls ``(rows B, length T, head slots K, rows)``, longest rows first.
+
+    Rows sorted by length are cut into consecutive calls: a call's length is the bucket of its
+    longest row, its row count fixed by that length, and it is filled with the next rows (the
+    last rows of a bucket share a call with the longest of the next instead of empty rows), so
+    there is one compilation per bucket that starts a call. ``K`` (the packed targets' slots, a
+    multiple of ``B``) is the same for every call of a shape: the bucket of its largest need.
+    """
+    order = sorted(rows, key=lambda r: -len(r.inp))
+    calls: list[tuple[int, int, list[_Row]]] = []
+    need: dict[tuple[int, int], int] = {}
+    lo = 0
+    while lo < len(order):
+        t = bucket_length(len(order[lo].inp), bucket)
+        bs = batch_size or max(1, min(64, TOKENS_PER_BATCH // t))
+        bs = -(-bs // per) * per
+        chunk = order[lo : lo + bs]
+        lo += bs
+        slots = -(-sum(len(r.targets) for r in chunk) // bs)  # targets per row, rounded up
+        need[bs, t] = max(need.get((bs, t), 1), slots)
+        calls.append((bs, t, chunk))
+    return [(bs, t, bs * min(t, bucket_length(need[bs, t], 4)), chunk) for bs, t, chunk in calls]
+
+
 def score_tokens(
     base: dict[str, Any],
     config: LlamaConfig,
@@ -238,13 +261,14 @@ def score_tokens(
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(log-likelihoods, is_greedy)`` of tokenized ``(context, continuation)`` requests.
 
-    Rows are bucketed by input length (:func:`bucket_length` with step ``bucket``); each bucket
-    runs ``batch_size`` rows per call (default: about 4096 tokens per call), its last call padded
-    with empty rows, so :func:`continuation_scores` compiles once per bucket (the width of its
-    continuation window, a power of two, comes with the bucket). The order of ``encoded`` is
-    kept. With a ``mesh`` (``base`` placed on it, e.g. by ``models.llama_params.shard_base``;
-    LoRA and masks replicated) the rows of a call are split over its ``data`` x ``fsdp`` axes,
-    the rows per call rounded up to a multiple of their size; the scores equal one device's.
+    Rows sorted by input length run ``batch_size`` rows per call (default: about 4096 tokens),
+    each call padded to the bucket (:func:`bucket_length` with step ``bucket``) of its longest
+    row (:func:`_plan`), so :func:`continuation_scores` compiles once per bucket that starts a
+    call; only the continuation targets, packed, go through the LM head, and each request's
+    log-likelihood is summed in float64 on the host. The order of ``encoded`` is kept. With a
+    ``mesh`` (``base`` placed on it, e.g. by ``models.llama_params.shard_base``; LoRA and masks
+    replicated) the rows of a call are split over its ``data`` x ``fsdp`` axes, the rows per
+    call rounded up to a multiple of their size; the scores equal one device's.
     """
     n = len(encoded)
     ll = np.zeros(n, np.float64)
@@ -254,26 +278,25 @@ def score_tokens(
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     max_length = max_length or config.max_position_embeddings
-    rows = _rows(encoded, max_length)
-    buckets: dict[int, list[_Row]] = {}
-    for row in rows:
-        buckets.setdefault(bucket_length(len(row.inp), bucket), []).append(row)
+    per = 1 if mesh is None else batch_multiple(mesh)
+    plan = _plan(_rows(encoded, max_length), bucket, batch_size, per)
     bar = tqdm(total=n, desc=desc, unit="req", disable=not progress, leave=False)
 
     def collect(chunk: list[_Row], out: Any) -> None:
-        row_ll, row_greedy, shared_ll, shared_greedy = host_tree(out)
-        done = 0
+        picked, hit, shared_ll, shared_greedy = host_tree(out)
+        done = off = 0
         for b, row in enumerate(chunk):
+            k = len(row.targets)
             if row.shared:  # one-token continuations: read each member's own token
                 for j, i in enumerate(row.members):
                     ll[i], greedy[i] = shared_ll[b, j], shared_greedy[b, j]
             else:
                 (i,) = row.members
-                ll[i], greedy[i] = row_ll[b], row_greedy[b]
+                ll[i] = np.sum(picked[off : off + k], dtype=np.float64)
+                greedy[i] = bool(np.all(hit[off : off + k]))
+            off += k
             done += len(row.members)
         bar.update(done)
-
-    per = 1 if mesh is None else batch_multiple(mesh)
 
     def call(*arrays: np.ndarray) -> Any:
         if mesh is None:
@@ -283,29 +306,25 @@ def score_tokens(
         return _scores_on_mesh(base, lora, masks, *placed, config, lora_cfg, mesh)
 
     pending = None  # results are fetched one call behind, so the host prepares the next batch
-    for t in sorted(buckets, reverse=True):  # longest first: memory trouble shows at once
-        group = sorted(buckets[t], key=lambda r: -len(r.inp))
-        c = min(t, max(8, _pow2(max(len(r.targets) for r in group))))  # continuation window
-        bs = batch_size or max(1, min(64, TOKENS_PER_BATCH // t))
-        bs = -(-bs // per) * per
-        for lo in range(0, len(group), bs):
-            chunk = group[lo : lo + bs]
-            tokens = np.zeros((bs, t), np.int32)
-            starts = np.zeros((bs,), np.int32)
-            targets = np.zeros((bs, c), np.int32)
-            tmask = np.zeros((bs, c), bool)
-            shared = np.zeros((bs, MAX_SHARED), np.int32)
-            for b, row in enumerate(chunk):
-                k = len(row.targets)
-                tokens[b, : len(row.inp)] = row.inp
-                starts[b] = len(row.inp) - k
-                targets[b, :k] = row.targets
-                tmask[b, :k] = True
-                shared[b, : len(row.shared)] = row.shared
-            out = call(tokens, starts, targets, tmask, shared)
-            if pending is not None:
-                collect(*pending)
-            pending = (chunk, out)
+    for bs, t, slots, chunk in plan:
+        tokens = np.zeros((bs, t), np.int32)
+        pos = np.zeros((slots,), np.int32)
+        targets = np.zeros((slots,), np.int32)
+        last = np.zeros((bs,), np.int32)
+        shared = np.zeros((bs, MAX_SHARED), np.int32)
+        off = 0
+        for b, row in enumerate(chunk):
+            k, m = len(row.targets), len(row.inp)
+            tokens[b, :m] = row.inp
+            pos[off : off + k] = b * t + np.arange(m - k, m)
+            targets[off : off + k] = row.targets
+            last[b] = off + k - 1
+            shared[b, : len(row.shared)] = row.shared
+            off += k
+        out = call(tokens, pos, targets, last, shared)
+        if pending is not None:
+            collect(*pending)
+        pending = (chunk, out)
     if pending is not None:
         collect(*pending)
     bar.close()
