@@ -58,17 +58,11 @@ class LoraPruneJaxLM(LM):
         super().__init__()
         from ..parallel.mesh import make_mesh
 
-        self.mesh = make_mesh(mesh) if mesh else None
-        self.config, self.base, self.tokenizer = load_for_eval(
-            pretrained, dtype, base_dtype=base_dtype, mesh=self.mesh, stack=True)
-        if self.tokenizer is None:
-            raise ValueError(f"model {pretrained} has no tokenizer files; the harness needs one")
+        placed = make_mesh(mesh) if mesh else None
+        model = load_for_eval(pretrained, dtype, base_dtype=base_dtype, mesh=placed, stack=True)
         auto = batch_size in (None, "auto") or str(batch_size).startswith("auto")
-        self.batch_size = None if auto else int(batch_size)
-        self._max_length = int(max_length) if max_length else self.config.max_position_embeddings
-        self.max_gen_toks = int(max_gen_toks)
-        self.pretrained = str(pretrained)
-        self.show_progress = True  # our progress bars (the harness's own are its business)
+        self._setup(*model, mesh=placed, batch_size=None if auto else int(batch_size),
+                    max_length=max_length, max_gen_toks=max_gen_toks, name=str(pretrained))
 
     @classmethod
     def from_model(cls, config: Any, base: dict[str, Any], tokenizer: Any, *,
@@ -76,16 +70,22 @@ class LoraPruneJaxLM(LM):
                    max_gen_toks: int = 256, name: str = "model") -> LoraPruneJaxLM:
         """The harness model of an already loaded ``(config, base, tokenizer)`` (placed on
         ``mesh`` when given, as ``load_for_eval`` places it)."""
-        if tokenizer is None:
-            raise ValueError(f"{name} has no tokenizer; the harness needs one")
         lm = cls.__new__(cls)
         LM.__init__(lm)
-        lm.mesh, lm.config, lm.base, lm.tokenizer = mesh, config, base, tokenizer
-        lm.batch_size = None if batch_size is None else int(batch_size)
-        lm._max_length = int(max_length) if max_length else config.max_position_embeddings
-        lm.max_gen_toks, lm.pretrained = int(max_gen_toks), name
-        lm.show_progress = True
+        lm._setup(config, base, tokenizer, mesh=mesh, batch_size=batch_size,
+                  max_length=max_length, max_gen_toks=max_gen_toks, name=name)
         return lm
+
+    def _setup(self, config: Any, base: dict[str, Any], tokenizer: Any, *, mesh: Any,
+               batch_size: int | None, max_length: int | None, max_gen_toks: int,
+               name: str) -> None:
+        if tokenizer is None:
+            raise ValueError(f"model {name} has no tokenizer files; the harness needs one")
+        self.config, self.base, self.tokenizer, self.mesh = config, base, tokenizer, mesh
+        self.batch_size = None if batch_size is None else int(batch_size)
+        self._max_length = int(max_length) if max_length else config.max_position_embeddings
+        self.max_gen_toks, self.pretrained = int(max_gen_toks), name
+        self.show_progress = True  # our progress bars (the harness's own are its business)
 
     @property
     def max_length(self) -> int:
@@ -99,8 +99,7 @@ class LoraPruneJaxLM(LM):
                desc: str) -> tuple[np.ndarray, np.ndarray]:
         return score_tokens(self.base, self.config, encoded, batch_size=self.batch_size,
                             max_length=self.max_length, progress=progress and self.show_progress,
-                            desc=desc,
-                            mesh=self.mesh)
+                            desc=desc, mesh=self.mesh)
 
     def loglikelihood(self, requests: list[Any], disable_tqdm: bool = False
                       ) -> list[tuple[float, bool]]:
