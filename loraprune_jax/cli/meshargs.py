@@ -1,6 +1,7 @@
 """``--mesh`` and ``--distributed`` for the evaluation commands (``eval``, ``zeroshot``,
 ``generate``): the mesh from its spec, checked against the model's widths before the weights are
-read where the checkpoint allows, and the model loaded and placed on it as ``prune`` places it."""
+read where the checkpoint allows (``eval.loading.load_for_eval`` then loads and places the model
+as ``prune`` places it), and the notes of the load line."""
 
 from __future__ import annotations
 
@@ -66,15 +67,6 @@ def mesh_from_args(args: argparse.Namespace, batch: int | None = None) -> Any:
     return mesh
 
 
-def load_placed(model: str, dtype: str | None, mesh: Any,
-                base_dtype: str | None = None) -> tuple[Any, Any, Any]:
-    """``(config, base, tokenizer)`` by ``eval.loading.load_for_eval``: int8 projections with
-    ``base_dtype``, read shard by shard and placed on a ``mesh`` as ``prune`` places it."""
-    from ..eval.loading import load_for_eval
-
-    return load_for_eval(model, dtype, base_dtype=base_dtype, mesh=mesh)
-
-
 def base_note(args: argparse.Namespace) -> str:
     """``, projections int8`` for the load line ('' when the base keeps the compute dtype)."""
     base_dtype = getattr(args, "base_dtype", None)
@@ -97,4 +89,4 @@ def is_primary() -> bool:
     return primary()
 
 
-__all__ = ["add_mesh_args", "base_note", "is_primary", "load_placed", "mesh_from_args", "mesh_note"]
+__all__ = ["add_mesh_args", "base_note", "is_primary", "mesh_from_args", "mesh_note"]

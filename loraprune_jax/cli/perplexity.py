@@ -10,13 +10,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .meshargs import add_mesh_args, base_note, is_primary, load_placed, mesh_from_args, mesh_note
+from .meshargs import add_mesh_args, base_note, is_primary, mesh_from_args, mesh_note
 
 
 def _load(model: str, dtype: str | None, mesh: Any = None,
           base_dtype: str | None = None) -> tuple[Any, Any, Any, float]:
+    from ..eval.loading import load_for_eval
+
     start = time.perf_counter()
-    config, base, tokenizer = load_placed(model, dtype, mesh, base_dtype)
+    config, base, tokenizer = load_for_eval(model, dtype, base_dtype=base_dtype, mesh=mesh)
     return config, base, tokenizer, time.perf_counter() - start
 
 

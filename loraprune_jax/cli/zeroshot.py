@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from ..data.tasks import TASK_NAMES, load_task_docs
-from .meshargs import add_mesh_args, base_note, is_primary, load_placed, mesh_from_args, mesh_note
+from .meshargs import add_mesh_args, base_note, is_primary, mesh_from_args, mesh_note
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -48,6 +48,7 @@ def cmd_zeroshot(args: argparse.Namespace) -> int:
     """Zero-shot accuracy of a model on the chosen tasks; one line per task, optional JSON.
     With ``--mesh`` the model is sharded and each call's rows split: the same accuracies."""
     from ..eval.harness_eval import harness_zeroshot
+    from ..eval.loading import load_for_eval
     from ..eval.zeroshot import format_result
     from ..io.jsonfile import write_json
 
@@ -60,7 +61,8 @@ def cmd_zeroshot(args: argparse.Namespace) -> int:
         load_task_docs(name, args.data_dir, source=source, limit=1)
     mesh = mesh_from_args(args, args.batch_size)  # a bad mesh fails before the model loads
     start = time.perf_counter()
-    config, base, tokenizer = load_placed(args.model, args.dtype, mesh, args.base_dtype)
+    config, base, tokenizer = load_for_eval(args.model, args.dtype, base_dtype=args.base_dtype,
+                                            mesh=mesh)
     if tokenizer is None:
         raise ValueError(f"{args.model} has no tokenizer files; cannot tokenize prompts")
     print(f"model {args.model}: {config.num_params() / 1e6:.1f}M parameters, {config.dtype}{base_note(args)}, "
