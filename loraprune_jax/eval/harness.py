@@ -86,6 +86,7 @@ class LoraPruneJaxLM(LM):
         self._max_length = int(max_length) if max_length else config.max_position_embeddings
         self.max_gen_toks, self.pretrained = int(max_gen_toks), name
         self.show_progress = True  # our progress bars (the harness's own are its business)
+        self.tokens_scored: dict[tuple[str, str], int] = {}  # (context, continuation) -> tokens
 
     @property
     def max_length(self) -> int:
@@ -104,8 +105,9 @@ class LoraPruneJaxLM(LM):
     def loglikelihood(self, requests: list[Any], disable_tqdm: bool = False
                       ) -> list[tuple[float, bool]]:
         args = [tuple(r.args) for r in requests]
-        ll, greedy = self._score(encode_requests(self.tokenizer, args), not disable_tqdm,
-                                 "loglikelihood")
+        encoded = encode_requests(self.tokenizer, args)
+        self.tokens_scored.update((pair, len(c) + len(x)) for pair, (c, x) in zip(args, encoded))
+        ll, greedy = self._score(encoded, not disable_tqdm, "loglikelihood")
         out = [(float(a), bool(b)) for a, b in zip(ll, greedy)]
         for pair, result in zip(args, out):
             self.cache_hook.add_partial("loglikelihood", pair, result)

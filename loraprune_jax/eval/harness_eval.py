@@ -76,7 +76,7 @@ def harness_zeroshot(
             acc_norm=float(metrics["acc_norm,none"]) if has_norm else None,
             acc_norm_stderr=float(metrics["acc_norm_stderr,none"]) if has_norm else None,
             requests=len(pairs),
-            tokens=int(sum(len(tokenizer(c + x)["input_ids"]) for c, x in pairs)),
+            tokens=sum(lm.tokens_scored[pair] for pair in pairs),  # as the model encoded them
             seconds=seconds / len(tasks),
             samples=[_sample(s) for s in sorted(samples, key=lambda s: s["doc_id"])]
             if keep_samples else None,
