@@ -222,3 +222,48 @@ def count_compiles():
         yield counter
     finally:
         jax.monitoring.unregister_event_duration_listener(counter)
+
+
+ZEROSHOT_DATA = Path(__file__).parent / "data" / "zeroshot"
+
+
+def harness_requests(tasks, data_dir, out_dir, *, source: str = "files", limit=None) -> dict:
+    """What lm-evaluation-harness asks of a model for our local documents, per task and document
+    in order: ``(requests, gold)``, the ``(context, continuation)`` pairs of the choices and the
+    gold index, as its own task definitions build them (``offline_tasks``)."""
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    from loraprune_jax.eval.harness_tasks import offline_tasks
+
+    manager = offline_tasks(tasks, data_dir, out_dir, source=source)
+    out = {}
+    for name, task in manager.load(list(tasks))["tasks"].items():
+        task.build_all_requests(limit=limit)
+        by_doc = collections.defaultdict(list)
+        for inst in sorted(task.instances, key=lambda i: (i.doc_id, i.idx)):
+            by_doc[inst.doc_id].append(inst)
+        docs = []
+        for doc_id in sorted(by_doc):
+            insts = by_doc[doc_id]
+            doc = insts[0].doc
+            choices = task.doc_to_choice(doc)
+            gold = task.doc_to_text(doc) if task.multiple_input else task.doc_to_target(doc)
+            gold = choices.index(gold) if isinstance(gold, str) else int(gold)
+            docs.append(([tuple(i.args) for i in insts], gold))
+        out[name] = docs
+    return out
+
+
+def reference_lls(base, cfg, pairs, masks=None) -> np.ndarray:
+    """Brute-force log-likelihoods of token ``(context, continuation)`` pairs: the NLL of each
+    whole right-padded sequence, continuation positions summed (a causal model's outputs at real
+    positions do not depend on what follows them)."""
+    from loraprune_jax.models.llama import token_nll
+
+    width = max(len(c) + len(x) for c, x in pairs)
+    seqs = np.zeros((len(pairs), width), np.int32)
+    for i, (c, x) in enumerate(pairs):
+        seqs[i, : len(c) + len(x)] = list(c) + list(x)
+    nll = np.asarray(jax.jit(token_nll, static_argnums=(4,))(base, None, masks, seqs, cfg),
+                     np.float64)
+    return np.array([-nll[i, len(c) - 1 : len(c) + len(x) - 1].sum()
+                     for i, (c, x) in enumerate(pairs)])

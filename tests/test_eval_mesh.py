@@ -5,24 +5,20 @@ and accuracies, and greedy generation equal one device's; ``--mesh``/``--distrib
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import byte_tokenizer, noisy_norms, tiny_config
+from conftest import ZEROSHOT_DATA as DATA, byte_tokenizer, harness_requests, noisy_norms, tiny_config
 from loraprune_jax.cli import main
-from loraprune_jax.data.tasks import load_task_docs
 from loraprune_jax.eval.generate import generate_text
+from loraprune_jax.eval.harness_eval import harness_zeroshot
 from loraprune_jax.eval.loglikelihood import encode_requests, score_tokens
 from loraprune_jax.eval.perplexity import perplexity
-from loraprune_jax.eval.zeroshot import run_zeroshot
-from loraprune_jax.eval.zeroshot_tasks import doc_to_requests
 from loraprune_jax.models.decode import generate
 from loraprune_jax.models.llama_params import init_base, shard_base
 from loraprune_jax.parallel.mesh import make_mesh
 
-DATA = Path(__file__).parent / "data" / "zeroshot"
 MESHES = ["fsdp:8", "data:2,fsdp:2,tensor:2"]
 TEXT = "The quick brown fox jumps over the lazy dog. " * 12
 
@@ -62,18 +58,19 @@ def test_perplexity_on_a_mesh_equals_one_device(tiny, spec):
     assert got.ppl == pytest.approx(want.ppl, rel=1e-5)
 
 
-def _requests(tasks, limit):
-    out = []
-    for task in tasks:
-        for doc in load_task_docs(task, DATA, limit=limit):
-            out += doc_to_requests(task, doc)[0]
-    return out
+@pytest.fixture(scope="module")
+def requests(tmp_path_factory):
+    """The harness's requests for the first fixture documents of PIQA and WinoGrande."""
+    def of(tasks, limit):
+        built = harness_requests(tasks, DATA, tmp_path_factory.mktemp("tasks"), limit=limit)
+        return [r for task in tasks for reqs, _ in built[task] for r in reqs]
+    return of
 
 
 @pytest.mark.parametrize("spec", MESHES)
-def test_loglikelihoods_on_a_mesh_equal_one_device(tiny, spec):
+def test_loglikelihoods_on_a_mesh_equal_one_device(tiny, spec, requests):
     cfg, base, tok = tiny
-    encoded = encode_requests(tok, _requests(["piqa", "winogrande"], limit=2))
+    encoded = encode_requests(tok, requests(["piqa", "winogrande"], limit=2))
     want_ll, want_greedy = score_tokens(base, cfg, encoded, batch_size=3, bucket=64,
                                         progress=False)
     mesh = make_mesh(spec)
@@ -83,12 +80,13 @@ def test_loglikelihoods_on_a_mesh_equal_one_device(tiny, spec):
     np.testing.assert_array_equal(got_greedy, want_greedy)
 
 
-def test_run_zeroshot_on_a_mesh_places_the_base_and_equals_one_device(tiny):
+def test_harness_zeroshot_on_a_mesh_places_the_base_and_equals_one_device(tiny, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     cfg, base, tok = tiny
     tasks = ["arc_easy"]
-    kw = dict(data_dir=DATA, limit=2, bucket=64, progress=False, keep_samples=True)
-    want = run_zeroshot(base, cfg, tok, tasks, **kw)
-    got = run_zeroshot(base, cfg, tok, tasks, mesh=make_mesh("fsdp:-1"), **kw)  # host base
+    kw = dict(data_dir=DATA, limit=2, progress=False, keep_samples=True)
+    want = harness_zeroshot(base, cfg, tok, tasks, **kw)
+    got = harness_zeroshot(base, cfg, tok, tasks, mesh=make_mesh("fsdp:-1"), **kw)  # host base
     for name in tasks:
         assert got[name].acc == want[name].acc and got[name].acc_norm == want[name].acc_norm
         for g, w in zip(got[name].samples, want[name].samples):
@@ -96,10 +94,10 @@ def test_run_zeroshot_on_a_mesh_places_the_base_and_equals_one_device(tiny):
 
 
 @pytest.mark.slow
-def test_pruned_model_scores_on_a_mesh(tiny):
+def test_pruned_model_scores_on_a_mesh(tiny, requests):
     cfg, base = pruned()
     tok = tiny[2]
-    encoded = encode_requests(tok, _requests(["piqa"], limit=1))
+    encoded = encode_requests(tok, requests(["piqa"], limit=1))
     want, _ = score_tokens(base, cfg, encoded, bucket=64, progress=False)
     mesh = make_mesh("fsdp:8")
     placed = shard_base(base, cfg, mesh)

@@ -276,18 +276,16 @@ def tfds_dir(tmp_path_factory):
     return root
 
 
-def _requests(task, docs):
-    from loraprune_jax.eval.zeroshot_tasks import doc_to_requests
-
-    return [doc_to_requests(task, d) for d in docs]
-
-
 @pytest.mark.parametrize("task", ["arc_easy", "boolq", "winogrande", "piqa", "openbookqa"])
-def test_tfds_gives_the_same_requests_as_release_files(tfds_dir, task):
-    """Read back through tfds.data_source (array_record): same prompts, choices and gold."""
+def test_tfds_gives_the_same_requests_as_release_files(tfds_dir, task, tmp_path):
+    """Read back through tfds.data_source (array_record): the harness builds the same prompts,
+    choices and gold from them as from the release files."""
+    from conftest import harness_requests
+
     from_tfds = load_task_docs(task, tfds_dir, source="tfds")
     from_files = load_task_docs(task, DATA)
-    assert _requests(task, from_tfds) == _requests(task, from_files)
+    assert (harness_requests([task], tfds_dir, tmp_path / "tfds", source="tfds")
+            == harness_requests([task], DATA, tmp_path / "files"))
     assert load_task_docs(task, tfds_dir, source="tfds", limit=1) == from_tfds[:1]
     if task == "boolq":
         assert from_tfds == from_files

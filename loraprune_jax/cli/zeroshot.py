@@ -47,9 +47,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 def cmd_zeroshot(args: argparse.Namespace) -> int:
     """Zero-shot accuracy of a model on the chosen tasks; one line per task, optional JSON.
     With ``--mesh`` the model is sharded and each call's rows split: the same accuracies."""
-    from ..eval.harness_eval import harness_zeroshot
+    from ..eval.harness_eval import format_result, harness_zeroshot
     from ..eval.loading import load_for_eval
-    from ..eval.zeroshot import format_result
     from ..io.jsonfile import write_json
 
     tasks = list(TASK_NAMES) if "all" in args.tasks else list(dict.fromkeys(args.tasks))

@@ -1,8 +1,9 @@
 """Documents of the zero-shot tasks: local files in each task's original release schema, or tfds.
 
 Every loader returns a list of plain dicts with the field names lm-evaluation-harness (0.4.13)
-reads from its Hugging Face copy of the task, whatever the source, so the prompt code in
-:mod:`loraprune_jax.eval.zeroshot` is written once per task:
+reads from its Hugging Face copy of the task, whatever the source, so the harness's own task
+definitions read them unchanged (:mod:`loraprune_jax.eval.harness_tasks`). The harness itself
+reads only Hugging Face datasets; this module is what lets it run offline on the release files:
 
 ============  =========================================================================
 task          document

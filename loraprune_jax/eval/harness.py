@@ -68,8 +68,12 @@ class LoraPruneJaxLM(LM):
     def from_model(cls, config: Any, base: dict[str, Any], tokenizer: Any, *,
                    batch_size: int | None = None, mesh: Any = None, max_length: int | None = None,
                    max_gen_toks: int = 256, name: str = "model") -> LoraPruneJaxLM:
-        """The harness model of an already loaded ``(config, base, tokenizer)`` (placed on
-        ``mesh`` when given, as ``load_for_eval`` places it)."""
+        """The harness model of an already loaded ``(config, base, tokenizer)``; with a ``mesh``
+        the base is placed on it as ``load_for_eval`` places it (as it is when already there)."""
+        if mesh is not None:
+            from ..models.llama_params import place_base
+
+            base = place_base(base, config, mesh)
         lm = cls.__new__(cls)
         LM.__init__(lm)
         lm._setup(config, base, tokenizer, mesh=mesh, batch_size=batch_size,
