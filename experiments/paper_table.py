@@ -30,7 +30,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from prune_table import ensure_runs  # noqa: E402
 
-from loraprune_jax.cli.prune import build_run_config  # noqa: E402
+from loraprune_jax.config import build_run_config  # noqa: E402
 from loraprune_jax.config import CRITERIA, default_dtype  # noqa: E402
 from loraprune_jax.data import load_texts  # noqa: E402
 from loraprune_jax.data.packing import spread_windows, tokenize_join  # noqa: E402

@@ -15,8 +15,7 @@ import json
 import sys
 from pathlib import Path
 
-from loraprune_jax.cli.prune import build_run_config
-from loraprune_jax.config import CRITERIA, RunConfig
+from loraprune_jax.config import CRITERIA, RunConfig, build_run_config
 from loraprune_jax.run import METRICS_FILE, RUN_CONFIG_FILE
 from loraprune_jax.run.prune import run_prune
 

@@ -18,8 +18,7 @@ import json
 import sys
 from pathlib import Path
 
-from loraprune_jax.cli.prune import parse_overrides
-from loraprune_jax.config import ClassifierConfig
+from loraprune_jax.config import ClassifierConfig, parse_overrides
 from loraprune_jax.run import METRICS_FILE
 from loraprune_jax.run.classifier import run_classifier
 

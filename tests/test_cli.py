@@ -130,7 +130,7 @@ def test_demo_prunes_the_bundled_model(smollm2_cache, tmp_path, capsys, monkeypa
 
 
 def test_run_config_from_yaml_then_overrides(tmp_path):
-    from loraprune_jax.cli.prune import build_run_config
+    from loraprune_jax.config import build_run_config
 
     path = tmp_path / "run.yaml"
     path.write_text("prune:\n  ratio: 0.2\n  criterion: wanda\ntrain.steps: 7\nlora: {rank: 4, targets: [q, v]}\n")
@@ -146,7 +146,7 @@ def test_run_config_from_yaml_then_overrides(tmp_path):
 
 
 def test_nm_patterns_stay_strings_on_the_command_line_and_in_yaml(tmp_path):
-    from loraprune_jax.cli.prune import build_run_config, parse_overrides
+    from loraprune_jax.config import build_run_config, parse_overrides
 
     # YAML 1.1 reads 2:4 as the base-60 integer 124; the CLI keeps it text
     assert parse_overrides(["prune.nm=2:4", "a=10", "b=0.5", "c=[q, v]"]) == {
@@ -165,7 +165,7 @@ def test_nm_patterns_stay_strings_on_the_command_line_and_in_yaml(tmp_path):
 def test_prune_dispatches_image_classifiers(tmp_path, capsys):
     """``model=vit-s`` / ``model=cifar10-cnn`` build a ClassifierConfig (defaults kept under
     overrides); a classifier run refuses --resume and classifier-incompatible keys."""
-    from loraprune_jax.cli.prune import build_run_config
+    from loraprune_jax.config import build_run_config
     from loraprune_jax.config import ClassifierConfig
 
     cfg = build_run_config(None, ["model=vit-s", "prune.ratio=0.2", "train.steps=7"])

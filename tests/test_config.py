@@ -104,8 +104,11 @@ def test_moving_average_defaults_per_criterion():
         assert PruneConfig(criterion=criterion).beta == 0.99
     assert PruneConfig(criterion="fisher", ema_beta=0.5).beta == 0.5
     assert RunConfig().override({"prune.ema_beta": 0.95}).prune.beta == 0.95
-    for bad in ("x", 1.0, -0.1, True):
-        with pytest.raises(ValueError, match="ema_beta must be a number in"):
+    for bad in (1.0, -0.1, float("nan")):
+        with pytest.raises(ValueError, match=r"prune.ema_beta must be a number in \[0, 1\) or null"):
+            RunConfig().override({"prune.ema_beta": bad})
+    for bad in ("x", True):  # refused by the field's type (float or null) first
+        with pytest.raises(ValueError, match="prune.ema_beta expects float"):
             RunConfig().override({"prune.ema_beta": bad})
     again = RunConfig.from_dict(RunConfig().override({"prune.criterion": "fisher"}).to_dict())
     assert again.prune.ema_beta is None and again.prune.beta == 0.99

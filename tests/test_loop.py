@@ -33,7 +33,7 @@ def tiny_overrides(root: Path, out: Path, **extra) -> list[str]:
 
 
 def config_for(root: Path, out: Path, **extra) -> RunConfig:
-    from loraprune_jax.cli.prune import build_run_config
+    from loraprune_jax.config import build_run_config
 
     return build_run_config(None, tiny_overrides(root, out, **extra))
 

@@ -6,80 +6,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
-from typing import Any, Sequence
-
-
-def yaml_load(text: Any) -> Any:
-    """``yaml.safe_load`` without YAML 1.1's base-60 integers, so ``2:4`` (an N:M pattern) stays
-    the string ``"2:4"`` instead of becoming 124."""
-    import yaml
-
-    class Loader(yaml.SafeLoader):
-        pass
-
-    def int_or_text(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> Any:
-        value = loader.construct_scalar(node)
-        if ":" in value:
-            return value
-        return yaml.SafeLoader.construct_yaml_int(loader, node)
-
-    Loader.add_constructor("tag:yaml.org,2002:int", int_or_text)
-    return yaml.load(text, Loader=Loader)  # noqa: S506 - a SafeLoader subclass
-
-
-def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
-    """``key=value`` pairs, values parsed as YAML scalars/lists (``0.2``, ``true``, ``[q, v]``,
-    ``2:4``)."""
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"expected key=value, got {item!r}")
-        out[key.strip()] = yaml_load(value) if value.strip() else ""
-    return out
-
-
-def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested YAML mapping -> dotted keys."""
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(flatten(value, f"{prefix}{key}."))
-        else:
-            out[prefix + str(key)] = value
-    return out
-
-
-def build_run_config(config_file: str | None, overrides: Sequence[str]) -> Any:
-    """RunConfig from defaults, then a YAML file, then ``key=value`` overrides (a
-    ClassifierConfig when ``model`` is one of the bundled image classifiers)."""
-    from ..config import VISION_MODELS, ClassifierConfig, RunConfig
-
-    updates: dict[str, Any] = {}
-    if config_file:
-        with open(config_file, encoding="utf-8") as f:
-            loaded = yaml_load(f) or {}
-        if not isinstance(loaded, dict):
-            raise ValueError(f"{config_file}: expected a mapping of config keys")
-        updates.update(flatten(loaded))
-    updates.update(parse_overrides(overrides))
-    if updates.get("model") in VISION_MODELS:  # an image classifier: its own config
-        cfg = ClassifierConfig().override(updates)
-        if not cfg.out:
-            stamp = time.strftime("%Y%m%d-%H%M%S")
-            cfg = cfg.override({"out": f"runs/{cfg.model}-{cfg.prune.criterion}-{cfg.prune.ratio:g}-{stamp}"})
-        return cfg
-    cfg = RunConfig().override(updates)
-    if not cfg.out:
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        name = Path(str(cfg.model)).name or "model"
-        p = cfg.prune
-        what = {"structured": f"{p.ratio:g}", "unstructured": f"unstructured-{p.ratio:g}",
-                "nm": "nm" + p.nm.replace(":", "-")}[p.granularity]
-        cfg = cfg.override({"out": f"runs/{name}-{p.criterion}-{what}-{stamp}"})
-    return cfg
+from typing import Any
 
 
 def print_summary(metrics: dict[str, Any], out: str) -> None:
@@ -109,7 +37,7 @@ def print_summary(metrics: dict[str, Any], out: str) -> None:
 
 def cmd_prune(args: argparse.Namespace) -> int:
     """LoRAPrune end to end (``--resume DIR`` continues an interrupted run)."""
-    from ..config import VISION_MODELS, ClassifierConfig, RunConfig
+    from ..config import VISION_MODELS, ClassifierConfig, RunConfig, build_run_config
     from ..run.prune import run_prune
 
     if args.resume:
@@ -169,5 +97,4 @@ def add_demo_parser(subparsers: Any) -> argparse.ArgumentParser:
     return demo
 
 
-__all__ = ["add_demo_parser", "add_parser", "build_run_config", "cmd_demo", "cmd_prune", "flatten",
-           "parse_overrides", "print_summary", "yaml_load"]
+__all__ = ["add_demo_parser", "add_parser", "cmd_demo", "cmd_prune", "print_summary"]

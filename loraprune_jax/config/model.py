@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+
+from .errors import ConfigError, show
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -229,13 +232,16 @@ class LoraConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "targets", tuple(self.targets))
-        bad = set(self.targets) - set(PROJECTIONS)
+        bad = [t for t in self.targets if t not in PROJECTIONS]
         if bad:
-            raise ValueError(f"unknown LoRA targets {sorted(bad)}; choose from {PROJECTIONS}")
+            raise ConfigError(f"lora.targets: unknown LoRA targets {show(bad)}; choose from "
+                              f"{', '.join(PROJECTIONS)}")
         if self.rank <= 0:
-            raise ValueError(f"LoRA rank must be positive, got {self.rank}")
+            raise ConfigError(f"lora.rank: LoRA rank must be positive, got {self.rank}")
+        if not math.isfinite(self.alpha):
+            raise ConfigError(f"lora.alpha must be a finite number, got {self.alpha}")
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
+            raise ConfigError(f"lora.dropout: LoRA dropout must be in [0, 1), got {self.dropout}")
 
     @property
     def scale(self) -> float:
@@ -248,10 +254,10 @@ BASE_DTYPES = ("int8",)
 
 
 def check_base_dtype(base_dtype: str | None) -> None:
-    """Raise ``ValueError`` naming the accepted values of ``base_dtype``."""
+    """Raise ``ConfigError`` (a ``ValueError``) naming the accepted values of ``base_dtype``."""
     if base_dtype is not None and base_dtype not in BASE_DTYPES:
-        raise ValueError(f"base_dtype must be one of {', '.join(BASE_DTYPES)} or unset (the "
-                         f"compute dtype), got {base_dtype!r}")
+        raise ConfigError(f"base_dtype must be one of {', '.join(BASE_DTYPES)} or unset (the "
+                          f"compute dtype), got {show(base_dtype)}")
 
 
 def default_dtype() -> str:

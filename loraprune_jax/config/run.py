@@ -1,14 +1,18 @@
 """Run configs: what to prune and how (``PruneConfig``), training (``TrainConfig``), a whole LLM
-run (``RunConfig``) or image-classifier run (``ClassifierConfig``), and building them from nested
-dicts and dotted ``key=value`` overrides with type checks."""
+run (``RunConfig``) or image-classifier run (``ClassifierConfig``), built from nested dicts and
+dotted ``key=value`` overrides with type checks (``config.fields``); every refused value is a
+``ConfigError`` naming its dotted key."""
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 from ..core.criteria import CRITERIA, GATE_CRITERIA, REGISTRY, criteria_given
 from ..core.masks import ALLOCATIONS
+from .errors import ConfigError, show
+from .fields import apply_updates, build
 from .model import _DTYPES, LoraConfig, check_base_dtype
 
 
@@ -16,19 +20,35 @@ EMA_BETA = REGISTRY["lora"].ema_beta  # the paper's moving average of the scores
 GATE_EMA_BETA = REGISTRY["fisher"].ema_beta  # the gate criteria's (see PruneConfig.ema_beta)
 
 GRANULARITIES = ("structured", "unstructured", "nm")
+# what `data` and each of `eval_texts` accept (loraprune_jax.data.load_texts), for messages
+TEXT_SOURCES = ("wiki, wiki:train, wiki:heldout, lee, a .jsonl or text file, a directory of .txt "
+                "files, tfds:NAME[:SPLIT] or wikitext:PATH")
 
 
 def parse_nm(spec: str) -> tuple[int, int]:
     """``"2:4"`` -> ``(2, 4)``: keep ``n`` of every ``m`` consecutive input weights (``1 <= n < m``)."""
     if not isinstance(spec, str):
-        raise ValueError(f'prune.nm must be a string "N:M" such as "2:4", got {spec!r}')
+        raise ConfigError(f'prune.nm must be a string "N:M" such as "2:4", got {show(spec)}')
     parts = spec.strip().split(":")
-    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
-        raise ValueError(f'prune.nm must look like "N:M" (e.g. "2:4"), got {spec!r}')
+    if len(parts) != 2 or not all(p.strip().isascii() and p.strip().isdigit() for p in parts):
+        raise ConfigError(f'prune.nm must look like "N:M" (e.g. "2:4"), got {show(spec)}')
     n, m = (int(p) for p in parts)
     if not 1 <= n < m:
-        raise ValueError(f"prune.nm={spec!r}: need 1 <= N < M (keep N of every M weights)")
+        raise ConfigError(f"prune.nm={show(spec)}: need 1 <= N < M (keep N of every M weights)")
     return n, m
+
+
+def _fraction(where: str, value: float, high: float = 1.0, closed: bool = False) -> None:
+    """Refuse ``value`` outside ``[0, high)`` (``[0, high]`` when ``closed``); NaN is outside."""
+    inside = 0.0 <= value <= high if closed else 0.0 <= value < high
+    if not inside:  # NaN compares false: refused; so is infinity
+        raise ConfigError(f"{where} must be in [0, {high:g}{']' if closed else ')'}, got {value}")
+
+
+def _positive(where: str, value: float, zero: bool = False) -> None:
+    """Refuse a ``value`` that is not a finite number > 0 (>= 0 when ``zero``)."""
+    if not (math.isfinite(value) and (value >= 0 if zero else value > 0)):
+        raise ConfigError(f"{where} must be a finite number {'>= 0' if zero else '> 0'}, got {value}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,26 +76,36 @@ class PruneConfig:
     nm: str = "2:4"
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.ratio < 1.0:
-            raise ValueError(f"prune ratio must be in [0, 1), got {self.ratio}")
+        _fraction("prune.ratio", self.ratio)
         if not 0.0 <= self.init_ratio <= self.ratio:
-            raise ValueError(f"init_ratio must be in [0, ratio], got {self.init_ratio}")
+            raise ConfigError(f"prune.init_ratio must be in [0, prune.ratio], got {self.init_ratio}")
         if self.criterion not in CRITERIA:
-            raise ValueError(f"unknown criterion {self.criterion!r}; choose from {', '.join(CRITERIA)}")
+            raise ConfigError(f"prune.criterion: unknown criterion {show(self.criterion)}; choose from "
+                              f"{', '.join(CRITERIA)}")
         if self.power not in (1, 2):
-            raise ValueError(f"power must be 1 or 2, got {self.power}")
+            raise ConfigError(f"prune.power must be 1 or 2, got {show(self.power)}")
         if self.allocation not in ALLOCATIONS:
-            raise ValueError(f"allocation must be 'uniform' or 'global', got {self.allocation!r}")
+            raise ConfigError(f"prune.allocation must be 'uniform' or 'global', got {show(self.allocation)}")
         if self.ema_beta is not None and (
                 isinstance(self.ema_beta, bool) or not isinstance(self.ema_beta, (int, float))
                 or not 0.0 <= self.ema_beta < 1.0):
-            raise ValueError(f"ema_beta must be a number in [0, 1) or null, got {self.ema_beta!r}")
+            raise ConfigError(f"prune.ema_beta must be a number in [0, 1) or null, got {show(self.ema_beta)}")
+        _fraction("prune.warmup", self.warmup)
+        _fraction("prune.cooldown", self.cooldown)
+        if not self.one_shot and self.warmup + self.cooldown >= 1.0:
+            raise ConfigError(f"prune.warmup + prune.cooldown must be < 1 (the ramp lies between), "
+                              f"got {self.warmup} + {self.cooldown}")
+        _fraction("prune.exclude_first", self.exclude_first, closed=True)
+        for name in ("prune_every", "calibration_steps"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"prune.{name} must be at least 1, got {getattr(self, name)}")
         if self.granularity not in GRANULARITIES:
-            raise ValueError(
-                f"unknown granularity {self.granularity!r}; choose from {', '.join(GRANULARITIES)}"
+            raise ConfigError(
+                f"prune.granularity: unknown granularity {show(self.granularity)}; choose from "
+                f"{', '.join(GRANULARITIES)}"
             )
         if self.criterion in GATE_CRITERIA and self.granularity != "structured":
-            raise ValueError(
+            raise ConfigError(
                 f"prune.criterion={self.criterion} scores whole heads and channels through gates "
                 f"on their outputs and cannot rank single weights (prune.granularity="
                 f"{self.granularity}); use prune.granularity=structured or one of "
@@ -84,13 +114,13 @@ class PruneConfig:
         n, m = parse_nm(self.nm)
         if self.granularity == "nm":
             if abs(self.ratio - (1.0 - n / m)) > 1e-9:
-                raise ValueError(
+                raise ConfigError(
                     f"prune.granularity=nm with prune.nm={self.nm} prunes 1 - {n}/{m} = "
                     f"{1.0 - n / m:g} of every matrix, but prune.ratio={self.ratio:g}; leave "
                     "prune.ratio unset (it follows prune.nm) or set it to that value"
                 )
             if self.allocation != "uniform":
-                raise ValueError("prune.granularity=nm applies N:M to every matrix; "
+                raise ConfigError("prune.granularity=nm applies N:M to every matrix; "
                                  "prune.allocation must be uniform")
 
     @property
@@ -129,13 +159,14 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for name in ("steps", "seq_len", "micro_batch_size", "grad_accum"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+                raise ConfigError(f"train.{name} must be at least 1, got {getattr(self, name)}")
         if self.seq_len < 2:
-            raise ValueError(f"seq_len must be at least 2, got {self.seq_len}")
-        if self.lr <= 0 or self.clip_norm <= 0:
-            raise ValueError("lr and clip_norm must be positive")
+            raise ConfigError(f"train.seq_len must be at least 2, got {self.seq_len}")
+        _positive("train.lr", self.lr)
+        _positive("train.clip_norm", self.clip_norm)
+        _positive("train.weight_decay", self.weight_decay, zero=True)
         if not 0 <= self.warmup_steps < self.steps:
-            raise ValueError(f"warmup_steps must be in [0, steps), got {self.warmup_steps}")
+            raise ConfigError(f"train.warmup_steps must be in [0, train.steps), got {self.warmup_steps}")
 
     @property
     def batch_size(self) -> int:
@@ -169,24 +200,34 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "eval_texts", tuple(self.eval_texts))
+        if not self.model.strip():  # an empty path would name the working directory
+            raise ConfigError("model is empty; give smollm2, a HF checkpoint directory or a .gguf file")
+        if not self.data.strip():
+            raise ConfigError(f"data is empty; give a text source: {TEXT_SOURCES}")
+        if not all(spec.strip() for spec in self.eval_texts):
+            raise ConfigError(f"eval_texts has an empty entry; give a list of text sources "
+                              f"({TEXT_SOURCES}), or [] for none")
         if self.dtype is not None and self.dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+            raise ConfigError(f"dtype must be one of {', '.join(sorted(_DTYPES))} or null (float32 "
+                              f"on CPU, bfloat16 on GPU/TPU), got {show(self.dtype)}")
         check_base_dtype(self.base_dtype)
         if self.eval_seq_len < 2:
-            raise ValueError(f"eval_seq_len must be at least 2, got {self.eval_seq_len}")
+            raise ConfigError(f"eval_seq_len must be at least 2, got {self.eval_seq_len}")
         if self.eval_max_windows is not None and self.eval_max_windows < 1:
-            raise ValueError(f"eval_max_windows must be positive, got {self.eval_max_windows}")
-        if self.checkpoint_every < 1 or self.log_every < 1:
-            raise ValueError("checkpoint_every and log_every must be at least 1")
+            raise ConfigError(f"eval_max_windows must be positive or null (every window), got "
+                              f"{self.eval_max_windows}")
+        for name in ("checkpoint_every", "log_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.data_shards < 0:
-            raise ValueError(f"data_shards must be >= 0 (0: one per process), got {self.data_shards}")
+            raise ConfigError(f"data_shards must be >= 0 (0: one per process), got {self.data_shards}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunConfig:
-        return _build(cls, data, "")
+        return build(cls, data)
 
     def override(self, updates: dict[str, Any]) -> RunConfig:
         """A copy with dotted-key updates applied (``{"prune.ratio": 0.2}``)."""
@@ -219,16 +260,22 @@ class ClassifierConfig:
 
     def __post_init__(self) -> None:
         if self.model not in VISION_MODELS:
-            raise ValueError(f"unknown classifier model {self.model!r}; choose from {VISION_MODELS}")
+            raise ConfigError(f"model: unknown classifier model {show(self.model)}; choose from "
+                              f"{', '.join(VISION_MODELS)}")
         if self.data not in ("", "mnist", "foolbox:cifar10"):
-            raise ValueError(f"unknown classifier data {self.data!r}: use mnist or foolbox:cifar10")
+            raise ConfigError(f"data: unknown classifier data {show(self.data)}; use mnist or "
+                              "foolbox:cifar10, or leave it empty (the model's own)")
         if self.prune.criterion not in DECLARED_CRITERIA:
-            raise ValueError(f"criterion {self.prune.criterion!r} is not available for {self.model}; "
-                             f"choose from {', '.join(DECLARED_CRITERIA)}")
+            raise ConfigError(f"prune.criterion {show(self.prune.criterion)} is not available for "
+                              f"{self.model}; choose from {', '.join(DECLARED_CRITERIA)}")
         if self.prune.granularity != "structured":
-            raise ValueError("classifier runs prune structurally (heads, channels) only")
-        if min(self.n_train, self.n_test, self.eval_batch, self.lora_rank) < 1:
-            raise ValueError("n_train, n_test, eval_batch and lora_rank must be positive")
+            raise ConfigError("prune.granularity: classifier runs prune structurally (heads, "
+                              f"channels) only; use structured, not {show(self.prune.granularity)}")
+        for name in ("n_train", "n_test", "eval_batch", "lora_rank"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not math.isfinite(self.lora_alpha):
+            raise ConfigError(f"lora_alpha must be a finite number, got {self.lora_alpha}")
 
     @property
     def lora_scale(self) -> float:
@@ -239,7 +286,7 @@ class ClassifierConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ClassifierConfig:
-        return _build(cls, data, "")
+        return build(cls, data)
 
     def override(self, updates: dict[str, Any]) -> ClassifierConfig:
         """A copy with dotted-key updates applied (``{"prune.ratio": 0.2}``)."""
@@ -247,72 +294,15 @@ class ClassifierConfig:
 
 
 def _dotted_update(cfg: Any, updates: dict[str, Any]) -> dict[str, Any]:
-    """``cfg`` as a dict with dotted-key updates applied; unknown keys are errors. With
+    """``cfg`` as a dict with dotted-key updates applied; unknown keys are errors. A section's key
+    (``prune``) takes a mapping of its keys or null (none), never a value. With
     ``prune.granularity=nm`` the ratio follows the pattern unless set explicitly."""
-    data = cfg.to_dict()
-    for key, value in updates.items():
-        node, parts = data, key.split(".")
-        for part in parts[:-1]:
-            if not isinstance(node.get(part), dict):
-                raise ValueError(f"unknown config key {key!r}")
-            node = node[part]
-        if parts[-1] not in node:
-            raise ValueError(f"unknown config key {key!r}; known: {', '.join(_known_keys(cfg))}")
-        node[parts[-1]] = value
+    data, given = apply_updates(cfg, updates)
     prune = data.get("prune", {})
-    if prune.get("granularity") == "nm" and "prune.ratio" not in updates:
+    if prune.get("granularity") == "nm" and "prune.ratio" not in given:
         try:  # the ratio follows the pattern unless set explicitly (then it must agree)
             n, m = parse_nm(prune.get("nm"))
             prune["ratio"] = 1.0 - n / m
         except ValueError:
             pass  # PruneConfig reports the bad pattern
     return data
-
-
-def _known_keys(cfg: Any, prefix: str = "") -> list[str]:
-    keys = []
-    for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        if dataclasses.is_dataclass(value):
-            keys += _known_keys(value, f"{prefix}{f.name}.")
-        else:
-            keys.append(prefix + f.name)
-    return keys
-
-
-def _coerce(value: Any, current: Any, where: str) -> Any:
-    """Give a parsed override the type of the field's current value."""
-    if value is None or current is None:
-        return value
-    if isinstance(current, bool):
-        if not isinstance(value, bool):
-            raise ValueError(f"{where} must be true or false, got {value!r}")
-        return value
-    if isinstance(current, float) and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if isinstance(current, int) and isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if isinstance(current, tuple):
-        items = value if isinstance(value, (list, tuple)) else [value]
-        return tuple(items)
-    if isinstance(current, str) and isinstance(value, str):
-        return value
-    raise ValueError(f"{where} expects {type(current).__name__}, got {value!r}")
-
-
-def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
-    if not isinstance(data, dict):
-        raise ValueError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {data!r}")
-    default = cls()
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = set(data) - set(fields)
-    if unknown:
-        raise ValueError(f"unknown config key(s) {', '.join(prefix + k for k in sorted(unknown))}")
-    kwargs = {}
-    for name, value in data.items():
-        current = getattr(default, name)
-        if dataclasses.is_dataclass(current):
-            kwargs[name] = _build(type(current), value, f"{prefix}{name}.")
-        else:
-            kwargs[name] = _coerce(value, current, prefix + name)
-    return cls(**kwargs)
