@@ -56,8 +56,44 @@ def test_eval_several_lengths_writes_nested_json(model_dir, tmp_path):
 def test_bad_inputs_exit_with_a_message(tmp_path, capsys):
     assert main(["eval", "--model", str(tmp_path / "nope"), "--no-progress"]) == 2
     assert "nope" in capsys.readouterr().err
-    with pytest.raises(SystemExit, match="seq-len must be positive"):
+    with pytest.raises(SystemExit) as stop:  # argparse's own exit, one line
         main(["eval", "--model", "x", "--seq-len", "0"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--seq-len" in err and ">= 2" in err
+
+
+@pytest.mark.slow
+def test_ctrl_c_is_one_line_exit_130_and_the_run_resumes(tiny_run_inputs, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from test_loop import tiny_overrides
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "loraprune_jax.cli", "prune", "--no-progress",
+           *tiny_overrides(tiny_run_inputs, out, **{"train.steps": 40})]
+    proc = subprocess.Popen(cmd, env={**os.environ, "JAX_PLATFORMS": "cpu"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    try:
+        while not (out / "checkpoints" / "5").is_dir():  # in the middle of training
+            assert proc.poll() is None and time.time() < deadline, proc.stderr.read()
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGINT)
+        err = proc.communicate(timeout=120)[1]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1] == f"interrupted: continue with: loraprune-jax prune --resume {out}"
+    assert not (out / "metrics.json").exists()
+    assert main(["prune", "--resume", str(out), "--no-progress"]) == 0
+    assert json.loads((out / "metrics.json").read_text())["steps"] == 40
 
 
 def test_eval_reads_any_utf8_file_and_refuses_a_binary_one(model_dir, tmp_path, capsys):
@@ -77,8 +113,8 @@ def test_eval_reads_any_utf8_file_and_refuses_a_binary_one(model_dir, tmp_path, 
     binary = f"{gensim_test_data_dir()}/{WIKI_FILE}"
     assert main(["eval", "--model", str(model_dir), "--text", binary, "--no-progress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 2 and err[-1].startswith(f"error: {binary}: not valid UTF-8 (")
-    assert err[0].startswith("model ")  # the model loads first and says so
+    # one line, before the model loads (no "model ... loaded" line)
+    assert len(err) == 1 and err[0].startswith(f"error: {binary}: not valid UTF-8 (")
 
 
 @pytest.mark.parametrize("command, extra", [

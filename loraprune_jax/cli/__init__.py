@@ -2,7 +2,9 @@
 (lm-evaluation-harness tasks), ``generate`` (text, KV cache) and ``demo`` (the main job)."""
 
 # One module per command: argument parsing, validation and printing; the work is done below, in
-# run/ and eval/. Bad input (OSError, ValueError) is reported as one line, with exit status 2.
+# run/ and eval/. Bad input (OSError, ValueError, argparse errors) is reported as one line, with
+# exit status 2, checked before any model is loaded where it can be (checks.py); Ctrl-C is one
+# line and exit status 130.
 
 from __future__ import annotations
 
@@ -12,12 +14,14 @@ import sys
 from typing import Sequence
 
 from . import generate, perplexity, prune, zeroshot
+from .checks import CommandParser, Parser
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``loraprune-jax`` parser with every command registered."""
-    parser = argparse.ArgumentParser(prog="loraprune-jax", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    """The ``loraprune-jax`` parser with every command registered (errors on one line; a
+    command's options may come between its ``key=value`` arguments)."""
+    parser = Parser(prog="loraprune-jax", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=CommandParser)
     perplexity.add_parser(sub)  # loraprune-jax eval --model ... --text ...
     prune.add_parser(sub)  # loraprune-jax prune key=value ...
     zeroshot.add_parser(sub)  # loraprune-jax zeroshot --model ... --tasks ...
@@ -32,17 +36,22 @@ def _env_wants_distributed() -> bool:
     return wants_distributed()
 
 
+def describe_error(e: BaseException) -> str:
+    """One line for a bad input: an ``OSError`` names its file and the reason without errno
+    decoration (``out/x: No space left on device``)."""
+    if isinstance(e, OSError) and e.strerror:
+        names = [str(f) for f in (e.filename, e.filename2) if f is not None]
+        return f"{' -> '.join(names)}: {e.strerror}" if names else e.strerror
+    return " ".join(str(e).split()) or type(e).__name__
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; 0 on success, 2 on bad input (one line on stderr), 130 on Ctrl-C."""
     from ..train.hostmem import keep_freed_memory
 
     keep_freed_memory()  # before any JAX thread allocates; LORAPRUNE_JAX_SYSTEM_MALLOC=1: not
-    args = build_parser().parse_args(argv)
-    for attr in ("seq_len", "max_windows", "batch_size"):
-        values = getattr(args, attr, None)
-        for v in values if isinstance(values, list) else [values]:
-            if v is not None and v < 1:
-                raise SystemExit(f"error: --{attr.replace('_', '-')} must be positive, got {v}")
     try:
+        args = build_parser().parse_args(argv)
         if getattr(args, "distributed", False) or _env_wants_distributed():
             from ..parallel.distributed import initialize
 
@@ -51,8 +60,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (OSError, ValueError) as e:  # bad input: a file, a checkpoint, a text, a width
         if os.environ.get("LORAPRUNE_JAX_DEBUG"):
             raise
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {describe_error(e)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:  # the commands add how to continue, where there is a way
+        print(f"interrupted{': ' + str(e) if str(e) else ''}", file=sys.stderr)
+        return 130
 
 
-__all__ = ["build_parser", "main"]
+__all__ = ["build_parser", "describe_error", "main"]

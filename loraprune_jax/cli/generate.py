@@ -9,6 +9,7 @@ import sys
 import time
 from typing import Any
 
+from .checks import POSITIVE, number, peek
 from .meshargs import add_mesh_args, base_note, mesh_from_args, mesh_note
 
 
@@ -19,10 +20,14 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="'smollm2', a HF LLaMA directory, or a .gguf file")
     p.add_argument("--prompt", action="append", required=True,
                    help="a prompt (repeat for several; they run as one batch)")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
-    p.add_argument("--top-k", type=int, default=None, help="sample among the K most likely tokens")
-    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold in (0, 1]")
+    p.add_argument("--max-new-tokens", type=POSITIVE, default=64,
+                   help="at most this many new tokens (below the model's context length)")
+    p.add_argument("--temperature", type=number(float, low=0), default=0.0,
+                   help="0: greedy (default)")
+    p.add_argument("--top-k", type=POSITIVE, default=None,
+                   help="sample among the K most likely tokens")
+    p.add_argument("--top-p", type=number(float, low=0, low_open=True, high=1), default=None,
+                   help="nucleus sampling threshold in (0, 1]")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--chat", action="store_true",
                    help="wrap each prompt as a user turn of the tokenizer's chat template")
@@ -37,11 +42,22 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 def cmd_generate(args: argparse.Namespace) -> int:
     """Print each prompt, its continuation, and the decoding speed. With ``--mesh`` the model
     is sharded and the prompts split over the devices: the same greedy continuations."""
-    if args.max_new_tokens < 1:
-        raise ValueError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
     from ..eval.generate import generate_with_stats, load_for_generation
 
-    mesh = mesh_from_args(args, len(args.prompt))  # a bad mesh fails before the model loads
+    # everything that can be wrong is found before the model loads: settings, model, mesh
+    if args.system is not None and not args.chat:
+        raise ValueError("--system is the system message of --chat; give --chat too")
+    if (args.top_k is not None or args.top_p is not None) and args.temperature == 0:
+        raise ValueError("--top-k and --top-p choose what to sample from: give --temperature > 0 "
+                         "(0 is greedy decoding)")
+    config = peek(args.model)
+    if args.max_new_tokens >= config.max_position_embeddings:
+        raise ValueError(f"--max-new-tokens {args.max_new_tokens}: must be below the model's "
+                         f"context length {config.max_position_embeddings}")
+    if args.top_k is not None and args.top_k > config.vocab_size:
+        raise ValueError(f"--top-k {args.top_k}: must be at most the vocabulary size "
+                         f"{config.vocab_size}")
+    mesh = mesh_from_args(args, len(args.prompt))
     start = time.perf_counter()
     model = load_for_generation(args.model, args.dtype, mesh, args.base_dtype)
     config = model[0]

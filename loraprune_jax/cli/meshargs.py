@@ -1,13 +1,11 @@
 """``--mesh`` and ``--distributed`` for the evaluation commands (``eval``, ``zeroshot``,
 ``generate``): the mesh from its spec, checked against the model's widths before the weights are
-read where the checkpoint allows (``eval.loading.load_for_eval`` then loads and places the model
-as ``prune`` places it), and the notes of the load line."""
+read (``eval.loading.load_for_eval`` then loads and places the model as ``prune`` places it), and
+the notes of the load line."""
 
 from __future__ import annotations
 
 import argparse
-import os
-from pathlib import Path
 from typing import Any
 
 MESH_HELP = ("device mesh, as prune's mesh= key: e.g. fsdp:-1, data:2,fsdp:-1,tensor:2 or auto "
@@ -32,21 +30,11 @@ def add_mesh_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base-dtype", choices=BASE_DTYPES, default=None, help=BASE_DTYPE_HELP)
 
 
-def _peek_config(model: str) -> Any:
-    """The config of a HF directory without its weights (None for other model specs)."""
-    from ..io import SMOLLM2_SPECS, read_hf_config
-
-    path = Path(os.fspath(model)).expanduser()
-    if model.lower() in SMOLLM2_SPECS and not path.exists():
-        return None
-    return read_hf_config(path) if path.is_dir() else None
-
-
 def mesh_from_args(args: argparse.Namespace, batch: int | None = None) -> Any:
     """The ``Mesh`` that ``args.mesh`` names (``auto``: FSDP over as many devices as ``batch``
     rows split over evenly, all when ``batch`` is None), or None for one device. A bad spec, or
-    a HF checkpoint whose widths the mesh does not divide, raises ``ShardingError`` (one line,
-    exit 2) before any weight is read."""
+    a model whose widths the mesh does not divide, raises ``ShardingError`` (one line, exit 2)
+    before any weight is read."""
     import jax
 
     from ..parallel.mesh import auto_mesh_spec, make_mesh
@@ -59,11 +47,10 @@ def mesh_from_args(args: argparse.Namespace, batch: int | None = None) -> Any:
     if spec.strip() == "auto":
         spec = auto_mesh_spec(batch or jax.device_count())
     mesh = make_mesh(spec)
-    config = _peek_config(args.model)
-    if config is not None:
-        from ..models.llama_params import check_widths
+    from ..io import peek_model
+    from ..models.llama_params import check_widths
 
-        check_widths(config, mesh)
+    check_widths(peek_model(args.model)[0], mesh)
     return mesh
 
 

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .checks import POSITIVE, check_output_file, number, peek
 from .meshargs import add_mesh_args, base_note, is_primary, mesh_from_args, mesh_note
 
 
@@ -37,14 +38,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from ..data.packing import tokenize_join
     from ..eval.perplexity import perplexity
 
-    mesh = mesh_from_args(args, args.batch_size)  # a bad mesh fails before the model loads
+    # everything that can be wrong is found before the model loads: paths, texts, mesh
+    if args.json:
+        check_output_file(args.json, "--json")
+    peek(args.model)
+    texts = _eval_texts(args)
+    mesh = mesh_from_args(args, args.batch_size)
     config, base, tokenizer, load_s = _load(args.model, args.dtype, mesh, args.base_dtype)
-    if tokenizer is None:
-        raise SystemExit(f"error: {args.model} has no tokenizer files; cannot tokenize text")
     print(f"model {args.model}: {config.num_params() / 1e6:.1f}M parameters, {config.dtype}{base_note(args)}, "
           f"loaded in {load_s:.1f}s{mesh_note(mesh)}", file=sys.stderr)
     results: dict[str, Any] = {}
-    for name, text in _eval_texts(args).items():
+    for name, text in texts.items():
         ids = tokenize_join([text], tokenizer)
         for seq_len in args.seq_len:
             res = perplexity(
@@ -81,9 +85,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                     help="a UTF-8 text file of any name (.jsonl: the 'text' field of each line), "
                          "a directory of .txt files, 'wiki', 'lee' or 'tfds:NAME[:SPLIT]' "
                          "(default: the bundled held-out texts)")
-    ev.add_argument("--seq-len", type=int, nargs="+", default=[2048], help="window length(s)")
-    ev.add_argument("--max-windows", type=int, default=None, help="evaluate at most N windows")
-    ev.add_argument("--batch-size", type=int, default=None, help="windows per compiled call")
+    ev.add_argument("--seq-len", type=number(int, low=2), nargs="+", default=[2048],
+                    help="window length(s), at least 2")
+    ev.add_argument("--max-windows", type=POSITIVE, default=None, help="evaluate at most N windows")
+    ev.add_argument("--batch-size", type=POSITIVE, default=None, help="windows per compiled call")
     ev.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                     help="parameter dtype (default: float32 on CPU, bfloat16 on GPU/TPU)")
     ev.add_argument("--json", default=None, help="also write the results as JSON to this file")

@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .checks import check_output_dir
+
 
 def print_summary(metrics: dict[str, Any], out: str) -> None:
     """A short human summary of a finished run."""
@@ -44,20 +46,30 @@ def cmd_prune(args: argparse.Namespace) -> int:
         if args.overrides or args.config:
             raise ValueError("--resume takes the run's saved config; give no overrides")
         saved = Path(args.resume) / "run_config.json"
-        if saved.exists() and json.loads(saved.read_text()).get("model") in VISION_MODELS:
+        try:
+            model = json.loads(saved.read_text()).get("model") if saved.is_file() else None
+        except (ValueError, AttributeError):
+            model = None  # run_prune says what is wrong with the file
+        if model in VISION_MODELS:
             raise ValueError(f"{args.resume} is an image-classifier run, which cannot resume "
                              "(they take minutes): run it again with a new out=")
         cfg = RunConfig(out=args.resume)
     else:
         cfg = build_run_config(args.config, args.overrides)
+        check_output_dir(cfg.out, "out")  # before anything loads: not there yet, and writable
     if isinstance(cfg, ClassifierConfig):
         from ..run.classifier import run_classifier
 
         metrics = run_classifier(cfg, log=lambda m: print(m, file=sys.stderr))
         print(json.dumps({k: v for k, v in metrics.items() if k != "history"}, indent=2))
         return 0
-    metrics = run_prune(cfg, resume=bool(args.resume), progress=not args.no_progress,
-                        log=lambda m: print(m, file=sys.stderr))
+    try:
+        metrics = run_prune(cfg, resume=bool(args.resume), progress=not args.no_progress,
+                            log=lambda m: print(m, file=sys.stderr))
+    except KeyboardInterrupt:
+        if (Path(cfg.out) / "run_config.json").is_file():
+            raise KeyboardInterrupt(f"continue with: loraprune-jax prune --resume {cfg.out}") from None
+        raise
     from ..parallel.distributed import is_primary
 
     if is_primary():

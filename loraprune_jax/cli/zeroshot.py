@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from ..data.tasks import TASK_NAMES, load_task_docs
+from .checks import POSITIVE, check_output_file, peek
 from .meshargs import add_mesh_args, base_note, is_primary, mesh_from_args, mesh_note
 
 
@@ -30,8 +31,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                         "default $LORAPRUNE_JAX_EVAL_DATA), or tfds' data dir with --source tfds")
     p.add_argument("--source", choices=["files", "tfds"], default="files",
                    help="release files under --data-dir, or prepared tfds datasets (array_record)")
-    p.add_argument("--limit", type=int, default=None, help="the first N documents of each task")
-    p.add_argument("--batch-size", type=int, default=None,
+    p.add_argument("--limit", type=POSITIVE, default=None, help="the first N documents of each task")
+    p.add_argument("--batch-size", type=POSITIVE, default=None,
                    help="rows per compiled call (default: about 4096 tokens per call)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                    help="parameter dtype (default: float32 on CPU, bfloat16 on GPU/TPU)")
@@ -53,17 +54,17 @@ def cmd_zeroshot(args: argparse.Namespace) -> int:
 
     tasks = list(TASK_NAMES) if "all" in args.tasks else list(dict.fromkeys(args.tasks))
     limit = getattr(args, "limit", None)
-    if limit is not None and limit < 1:
-        raise ValueError(f"--limit must be positive, got {limit}")
     source = getattr(args, "source", "files")
-    for name in tasks:  # data problems are reported before the model is loaded
+    # everything that can be wrong is found before the model loads: paths, task data, mesh
+    if args.json:
+        check_output_file(args.json, "--json")
+    peek(args.model)
+    for name in tasks:
         load_task_docs(name, args.data_dir, source=source, limit=1)
-    mesh = mesh_from_args(args, args.batch_size)  # a bad mesh fails before the model loads
+    mesh = mesh_from_args(args, args.batch_size)
     start = time.perf_counter()
     config, base, tokenizer = load_for_eval(args.model, args.dtype, base_dtype=args.base_dtype,
                                             mesh=mesh)
-    if tokenizer is None:
-        raise ValueError(f"{args.model} has no tokenizer files; cannot tokenize prompts")
     print(f"model {args.model}: {config.num_params() / 1e6:.1f}M parameters, {config.dtype}{base_note(args)}, "
           f"loaded in {time.perf_counter() - start:.1f}s{mesh_note(mesh)}", file=sys.stderr)
     results = harness_zeroshot(

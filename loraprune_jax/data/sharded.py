@@ -45,10 +45,14 @@ class ShardedData:
         for s in self.local_shards:
             shard = None if self.num_shards == 1 else (s, self.num_shards)
             texts = load_texts(cfg.data, shard=shard)
-            ds = PackedDataset.from_texts(texts, tokenizer, t.seq_len, eos_id=eos_id)
+            which = "" if shard is None else f" (shard {s} of {self.num_shards})"
+            try:
+                ds = PackedDataset.from_texts(texts, tokenizer, t.seq_len, eos_id=eos_id)
+            except ValueError as e:  # too few tokens for one sequence
+                raise ValueError(f"data={cfg.data}{which}: {e}; give more text or a smaller "
+                                 "train.seq_len") from None
             need = t.grad_accum * self.block
             if len(ds) < need:
-                which = "" if shard is None else f" (shard {s} of {self.num_shards})"
                 raise ValueError(
                     f"training data {cfg.data!r}{which} gives {len(ds)} sequences of "
                     f"{t.seq_len} tokens, fewer than one batch of {need}"

@@ -121,8 +121,15 @@ def prepared_data_source(name: str, split: str, data_dir: str | os.PathLike | No
     try:
         builder = read_only_builder.builder_from_files(name, data_dir=data_dir, **(builder_kwargs or {}))
     except registered.DatasetNotFoundError:
-        return tfds.data_source(name, split=split, data_dir=data_dir, download=False,
-                                builder_kwargs=builder_kwargs)
+        try:
+            return tfds.data_source(name, split=split, data_dir=data_dir, download=False,
+                                    builder_kwargs=builder_kwargs)
+        except registered.DatasetNotFoundError:  # its message lists the whole catalogue
+            where = data_dir or "tfds's default data dir (~/tensorflow_datasets or $TFDS_DATA_DIR)"
+            raise FileNotFoundError(
+                f"tfds:{name}: no prepared dataset of that name in {where}, and tfds knows no "
+                "builder by that name; prepare it first (builder.download_and_prepare("
+                "file_format='array_record'))") from None
     return builder.as_data_source(split=split)
 
 

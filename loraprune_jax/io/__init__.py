@@ -79,4 +79,26 @@ def load_model(
     )
 
 
-__all__ = ["CheckpointError", "SMOLLM2_SPECS", "load_model", *sorted(_LAZY)]
+def peek_model(spec: str | os.PathLike[str]) -> tuple[LlamaConfig, bool]:
+    """``(config, has_tokenizer)`` of a model spec without reading its weights: what a command
+    checks its arguments against before loading (context length, widths, a tokenizer). Bad specs
+    raise :class:`CheckpointError` as :func:`load_model` does."""
+    from loraprune_jax.io.gguf import bundled_gguf_path, gguf_config, open_gguf, smollm2_cache_path
+    from loraprune_jax.io.hf import CONFIG_FILE, read_hf_config
+    from loraprune_jax.io.tokenizer import has_hf_tokenizer
+
+    text = os.fspath(spec)
+    path = Path(text).expanduser()
+    if isinstance(spec, str) and text.lower() in SMOLLM2_SPECS and not path.exists():
+        cache = smollm2_cache_path()  # its converted copy, when made: faster than the GGUF
+        path = cache if (cache / CONFIG_FILE).is_file() else bundled_gguf_path()
+    if path.is_dir():
+        return read_hf_config(path), has_hf_tokenizer(path)
+    if path.suffix.lower() == ".gguf":
+        reader = open_gguf(path)
+        return gguf_config(reader, path), "tokenizer.ggml.model" in reader.fields
+    load_model(spec)  # raises the error load_model gives for it
+    raise AssertionError(f"{spec} loaded but could not be peeked")  # unreachable
+
+
+__all__ = ["CheckpointError", "SMOLLM2_SPECS", "load_model", "peek_model", *sorted(_LAZY)]

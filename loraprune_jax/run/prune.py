@@ -62,7 +62,7 @@ from . import METRICS_FILE, RUN_CONFIG_FILE
 
 class PreparedRun:
     """Everything loaded, validated and placed on the mesh before the output directory is
-    created."""
+    created: the checks, the data and the texts first, the weights last (the costly part)."""
 
     def __init__(self, cfg: RunConfig, log: Callable[[str], None]) -> None:
         self.cfg = cfg
@@ -70,15 +70,13 @@ class PreparedRun:
         spec = auto_mesh_spec(t.micro_batch_size) if cfg.mesh == "auto" else cfg.mesh
         self.mesh = make_mesh(spec)
         check_batch(t.micro_batch_size, self.mesh)
-        if cfg.mesh == "auto" and self.mesh.size < jax.device_count():
-            log(f"mesh auto: {describe(self.mesh)}, {self.mesh.size} of {jax.device_count()} "
-                f"devices (train.micro_batch_size={t.micro_batch_size} splits over no more)")
         t0 = time.perf_counter()
+        # lazy: the config, the tokenizer and handles on the tensors; weights are read when placed
         self.config, host, self.tokenizer = load_model(
             cfg.model, dtype=cfg.dtype or default_dtype(), lazy=True
         )
         if self.tokenizer is None:
-            raise ValueError(f"model {cfg.model} has no tokenizer files; cannot tokenize the data")
+            raise ValueError(f"model={cfg.model}: has no tokenizer files; cannot tokenize the data")
         self.excluded = excluded_layers(
             self.config.num_layers, cfg.prune.exclude_first, cfg.prune.exclude_last
         )
@@ -86,6 +84,25 @@ class PreparedRun:
         if cfg.prune.granularity == "nm":
             check_nm_widths(self.config, self.masked, *cfg.prune.nm_pattern, excluded=self.excluded)
         self._check_final_widths()
+        self.schedule = make_schedule(cfg)  # validates steps/calibration before anything runs
+        self.batch_sharding = batch_sharding(self.mesh)
+        self.data = ShardedData(cfg, self.tokenizer, self.config.eos_token_id, self.batch_sharding)
+        self.eval_windows = {}
+        for spec in cfg.eval_texts:
+            ids = tokenize_join(list(load_texts(spec, split="heldout")), self.tokenizer)
+            if len(ids) < cfg.eval_seq_len:
+                raise ValueError(
+                    f"eval_texts: {spec!r} has {len(ids)} tokens, fewer than one window of "
+                    f"eval_seq_len={cfg.eval_seq_len}"
+                )
+            self.eval_windows[spec] = spread_windows(ids, cfg.eval_seq_len, cfg.eval_max_windows)
+        # all checked: now the weights
+        if cfg.mesh == "auto" and self.mesh.size < jax.device_count():
+            log(f"mesh auto: {describe(self.mesh)}, {self.mesh.size} of {jax.device_count()} "
+                f"devices (train.micro_batch_size={t.micro_batch_size} splits over no more)")
+        if jax.process_count() > 1:  # every process says which shards it reads
+            print(f"process {jax.process_index()}: data shards {self.data.local_shards} of "
+                  f"{self.data.num_shards}", file=sys.stderr, flush=True)
         self.params = count_params(host)  # before quantizing: parameters, not scales
         if cfg.base_dtype == "int8":  # scales now; each device's int8 slice as it is placed
             host = quantize_base(host, lazy=True)
@@ -97,21 +114,6 @@ class PreparedRun:
         log(f"loaded {cfg.model}: {self.config.num_params() / 1e6:.1f}M parameters "
             f"({self.config.dtype}{stored}) in {time.perf_counter() - t0:.1f}s on mesh "
             f"{describe(self.mesh)} ({jax.process_count()} process(es))")
-        self.schedule = make_schedule(cfg)  # validates steps/calibration before anything runs
-        self.batch_sharding = batch_sharding(self.mesh)
-        self.data = ShardedData(cfg, self.tokenizer, self.config.eos_token_id, self.batch_sharding)
-        if jax.process_count() > 1:  # every process says which shards it reads
-            print(f"process {jax.process_index()}: data shards {self.data.local_shards} of "
-                  f"{self.data.num_shards}", file=sys.stderr, flush=True)
-        self.eval_windows = {}
-        for spec in cfg.eval_texts:
-            ids = tokenize_join(list(load_texts(spec, split="heldout")), self.tokenizer)
-            if len(ids) < cfg.eval_seq_len:
-                raise ValueError(
-                    f"evaluation text {spec!r} has {len(ids)} tokens, fewer than one window of "
-                    f"{cfg.eval_seq_len}"
-                )
-            self.eval_windows[spec] = spread_windows(ids, cfg.eval_seq_len, cfg.eval_max_windows)
 
     def _check_final_widths(self) -> None:
         """With a tensor axis, the sliced model must still split over it: check the widths the
