@@ -18,6 +18,10 @@ warning about a model type that does not match.
 ``masks.safetensors`` with path-like tensor names (``layers.3.q.a``, ``layers.3.attn``) and
 ``adapters.json`` with the LoRA and model configs.
 
+Both write into a hidden temporary sibling (``.NAME.tmp-*``) renamed into place (an earlier
+directory is moved to ``.NAME.old-*`` and back on failure), so a directory that exists is
+complete; :func:`remove_partial_exports` deletes what a killed export left beside it.
+
 A model pruned with weight masks (unstructured or N:M) keeps its shape: ``export_hf(...,
 masks=...)`` writes the merged weights with zeros in place and the masks beside them in
 ``masks.safetensors`` (``uint8``, ``layers.3.q`` names, Flax ``(in, out)`` layout), which
@@ -27,6 +31,7 @@ masks=...)`` writes the merged weights with zeros in place and the masks beside 
 from __future__ import annotations
 
 import dataclasses
+import glob
 import json
 import os
 import shutil
@@ -134,6 +139,18 @@ def export_hf(
         out_dir, config, unstack_layers(dict(base)), tokenizer, overwrite=overwrite, extra_files=files
     )
     return out_dir
+
+
+def remove_partial_exports(out_dir: str | os.PathLike[str]) -> list[Path]:
+    """Delete the temporary and replaced directories (``.NAME.tmp-*``, ``.NAME.old-*``) that an
+    :func:`export_hf` or :func:`save_adapters` of ``out_dir`` killed midway left beside it, and
+    return them. ``out_dir`` itself is left alone: when it exists it is complete."""
+    out_dir = Path(out_dir)
+    name = glob.escape(out_dir.name)
+    found = sorted(p for kind in ("tmp", "old") for p in out_dir.parent.glob(f".{name}.{kind}-*"))
+    for path in found:
+        shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+    return found
 
 
 # Adapters and masks ----------------------------------------------------------------------
@@ -304,5 +321,6 @@ __all__ = [
     "load_adapters_config",
     "load_export_masks",
     "needs_remote_code",
+    "remove_partial_exports",
     "save_adapters",
 ]

@@ -7,13 +7,15 @@ merged on the host (or, with ``prune.granularity`` ``unstructured`` / ``nm``, me
 masked weights zeroed, keeping its shape; ``model/masks.safetensors`` holds the masks),
 exported, evaluated again, and ``metrics.json`` written last. Everything a run needs to
 continue lives in its orbax checkpoints, so a killed run resumed with ``resume=True`` ends
-exactly where the uninterrupted run would.
+exactly where the uninterrupted run would, whatever phase the kill came in: the run directory
+appears whole with its ``run_config.json``, every output is renamed into place complete, and a
+resume first removes what the killed process left half-written. A disk that fills up ends the
+run with one :class:`~loraprune_jax.train.diskfull.DiskFullError` that says how to resume.
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import math
 import sys
 import time
@@ -57,7 +59,8 @@ from ..train.checkpoint import RunCheckpointer
 from ..train.loop import init_run_masks, make_schedule, train_loop
 from ..train.plot import plot_history
 from ..train.step import init_state, make_train_step
-from . import METRICS_FILE, RUN_CONFIG_FILE
+from . import METRICS_FILE
+from .rundir import PLOT_FILE, create_run_dir, disk_full_hint, read_run_config, remove_leftovers
 
 
 class PreparedRun:
@@ -174,10 +177,7 @@ def run_prune(
     if not primary:
         log = lambda message: None  # noqa: E731 - one process speaks for all
     if resume:
-        saved = out / RUN_CONFIG_FILE
-        if not saved.is_file():
-            raise FileNotFoundError(f"{out} is not a run directory (no {RUN_CONFIG_FILE}) to resume")
-        cfg = RunConfig.from_dict(json.loads(saved.read_text()))
+        cfg = read_run_config(out)
         if (out / METRICS_FILE).exists():
             raise FileExistsError(f"run {out} is already complete ({METRICS_FILE} exists)")
     elif out.exists():
@@ -202,10 +202,12 @@ def run_prune(
 
     distributed.barrier("loraprune-checked")  # every process has seen `out` absent
     if primary:
-        out.mkdir(parents=True, exist_ok=True)
         if not resume:
-            write_json(out / RUN_CONFIG_FILE, cfg.to_dict())
+            create_run_dir(out, cfg.to_dict())
+        elif removed := remove_leftovers(out):
+            log(f"removed what the interrupted run left half-written: {', '.join(removed)}")
     distributed.barrier("loraprune-out-created")
+    then = f"free some space, then continue with: loraprune-jax prune --resume {out}"
     ckpt = RunCheckpointer(out / "checkpoints", max_to_keep=2)
     history: list[dict[str, Any]] = []
     start = ckpt.latest_step() if resume else None
@@ -221,10 +223,11 @@ def run_prune(
         for spec, r in before.items():
             log(f"before: {spec} ppl {r['ppl']:.3f}")
 
-    trained = train_loop(step_fn, state, masks, base, run.data.iterate(start), key, cfg=cfg,
-                         schedule=run.schedule, excluded=run.excluded, ckpt=ckpt, start=start,
-                         history=history, meta={"before": before}, progress=progress and primary,
-                         log=log)
+    with disk_full_hint(out / "checkpoints", "saving a checkpoint", then):
+        trained = train_loop(step_fn, state, masks, base, run.data.iterate(start), key, cfg=cfg,
+                             schedule=run.schedule, excluded=run.excluded, ckpt=ckpt, start=start,
+                             history=history, meta={"before": before},
+                             progress=progress and primary, log=log)
     ckpt.close()
     state, masks, history, stats = trained.state, trained.masks, trained.history, trained.stats
     train_seconds = trained.seconds
@@ -253,11 +256,13 @@ def run_prune(
         log(f"after: {spec} ppl {r['ppl']:.3f} (before {before[spec]['ppl']:.3f})")
     if primary:
         t0 = time.perf_counter()
-        export_hf(out / "model", small_cfg, small, run.tokenizer, overwrite=resume,
-                  masks=host_masks if element else None)
+        with disk_full_hint(out / "model", "exporting the pruned model", then):
+            export_hf(out / "model", small_cfg, small, run.tokenizer, overwrite=resume,
+                      masks=host_masks if element else None)
         # weight masks live beside the exported model (model/masks.safetensors), not here twice
-        save_adapters(out / "adapters", lora, None if element else host_masks, cfg.lora, config,
-                      overwrite=resume)
+        with disk_full_hint(out / "adapters", "saving the adapters", then):
+            save_adapters(out / "adapters", lora, None if element else host_masks, cfg.lora,
+                          config, overwrite=resume)
         log(f"exported the pruned model and the adapters in {time.perf_counter() - t0:.1f}s")
     params_before = run.params
     if element:
@@ -299,9 +304,11 @@ def run_prune(
     if primary:
         what = cfg.prune.nm if cfg.prune.granularity == "nm" else cfg.prune.ratio
         kind = "" if not element else f" {cfg.prune.granularity}"
-        plot_history(history, out / "training.png",
-                     f"{cfg.model} {cfg.prune.criterion}{kind} {what}", element=element)
-        write_json(out / METRICS_FILE, metrics_out)  # last: its presence marks a complete run
+        with disk_full_hint(out / PLOT_FILE, "drawing the training plot", then):
+            plot_history(history, out / PLOT_FILE,
+                         f"{cfg.model} {cfg.prune.criterion}{kind} {what}", element=element)
+        with disk_full_hint(out / METRICS_FILE, "writing the metrics", then):
+            write_json(out / METRICS_FILE, metrics_out)  # last: its presence marks a complete run
     distributed.barrier("loraprune-done")
     return metrics_out
 

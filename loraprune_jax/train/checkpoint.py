@@ -11,7 +11,12 @@ A step directory holds two items, written together by one ``orbax`` Composite sa
 Orbax writes each step into ``<step>.orbax-checkpoint-tmp*`` and renames it to ``<step>``
 once every item is written, so a save that is interrupted (exception, SIGKILL,
 preemption) never shows up as a step; stale temporary directories are removed when a
-new :class:`RunCheckpointer` is created on the directory.
+new :class:`RunCheckpointer` is created on the directory, and so are the old steps beyond
+``max_to_keep`` that a process killed while deleting them left behind.
+
+A save that runs out of disk space raises :class:`DiskFullError` (an ``OSError``, ``ENOSPC``)
+naming the directory and the step, with the noise of orbax's failed write kept off stderr
+(:mod:`.diskfull`); the steps committed before stay.
 
 ``restore`` checks the stored leaves against the target *before* reading anything and
 the restored tree against the target afterwards, and raises a :class:`ValueError`
@@ -37,9 +42,11 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from .diskfull import DiskFullError, one_disk_full_error
+
 PyTree = Any
 
-__all__ = ["CheckpointMismatchError", "RunCheckpointer"]
+__all__ = ["CheckpointMismatchError", "DiskFullError", "RunCheckpointer"]
 
 _STATE = "state"
 _META = "meta"
@@ -155,6 +162,10 @@ class RunCheckpointer:
         self._mngr = ocp.CheckpointManager(
             self.directory, options=options, handler_registry=registry
         )
+        steps = self.all_steps()
+        if max_to_keep is not None and len(steps) > max_to_keep:  # a killed save's deletions
+            for step in steps[: len(steps) - max_to_keep]:
+                self._mngr.delete(step)
 
     # -- steps -------------------------------------------------------------------------
     def all_steps(self) -> list[int]:
@@ -177,7 +188,7 @@ class RunCheckpointer:
         ``step`` or ``step`` is not newer than the latest one). ``force=True`` skips the
         policy, but orbax still refuses to overwrite an existing step.
         Raises TypeError for a non-array leaf or a meta that is not JSON-serialisable,
-        before anything is written.
+        before anything is written, and :class:`DiskFullError` when the disk fills up.
         """
         for path, leaf in _flatten(state):
             if not isinstance(leaf, (jax.Array, np.ndarray)):
@@ -188,15 +199,12 @@ class RunCheckpointer:
             json.dumps(meta, allow_nan=True)
         except (TypeError, ValueError) as e:
             raise TypeError(f"meta is not JSON-serialisable: {e}") from e
-        return bool(
-            self._mngr.save(
-                int(step),
-                args=ocp.args.Composite(
-                    **{_STATE: ocp.args.StandardSave(state), _META: ocp.args.JsonSave(dict(meta))}
-                ),
-                force=force,
-            )
+        args = ocp.args.Composite(
+            **{_STATE: ocp.args.StandardSave(state), _META: ocp.args.JsonSave(dict(meta))}
         )
+        doing = f"saving the checkpoint of step {int(step)}"
+        with one_disk_full_error(self.directory, doing):
+            return bool(self._mngr.save(int(step), args=args, force=force))
 
     # -- restore -----------------------------------------------------------------------
     def _resolve_step(self, step: int | None) -> int:
@@ -305,8 +313,10 @@ class RunCheckpointer:
 
     # -- lifecycle ---------------------------------------------------------------------
     def wait(self) -> None:
-        """Block until an async save has been committed."""
-        self._mngr.wait_until_finished()
+        """Block until an async save has been committed (:class:`DiskFullError` when the disk
+        filled up meanwhile)."""
+        with one_disk_full_error(self.directory, "saving a checkpoint"):
+            self._mngr.wait_until_finished()
 
     def close(self) -> None:
         """Finish pending saves and deletions and release orbax resources."""

@@ -12,6 +12,7 @@ the loop are the pipeline's (:mod:`loraprune_jax.run.prune`).
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -95,7 +96,9 @@ def train_loop(
     """Run the steps ``start + 1 .. cfg.train.steps`` on ``batches`` (``(step, tokens)`` from
     ``start`` on), updating the masks on the schedule and saving a checkpoint every
     ``cfg.checkpoint_every`` steps and at the end (``meta`` is stored with each, beside the
-    history, the data position and the config). Waits for the last checkpoint to be written."""
+    history, the data position and the config). Waits for the last checkpoint to be written.
+    A non-finite loss, and non-finite importance scores (left out of their moving average), are
+    logged with their step."""
     t = cfg.train
     history = list(history or [])
     bar = tqdm(total=t.steps, initial=start, desc=f"prune {cfg.prune.criterion}",
@@ -113,6 +116,8 @@ def train_loop(
             masks = update_run_masks(masks, state["scores"], cfg, schedule.ratio_at(step), excluded)
             stats = llama_sparsity_stats(masks, excluded) if element else mask_stats(masks)
         loss = float(metrics["loss"])
+        if not math.isfinite(loss):
+            log(f"step {step}: non-finite loss {loss}")
         if bool(metrics["score_skipped"]):
             log(f"step {step}: non-finite importance scores; moving average not updated")
         if element:  # kept fractions of the attention and MLP weights
