@@ -130,6 +130,17 @@ def test_non_finite_scores_are_skipped():
     new, metrics = step(state, base, masks, batch, jax.random.PRNGKey(0))
     assert bool(metrics["score_skipped"])
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), new["scores"], state["scores"])
+    # a NaN loss: the adapters and the optimizer state stay as they were, the step counts
+    assert not np.isfinite(float(metrics["loss"]))
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), new["lora"], state["lora"])
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), new["opt_state"],
+                 state["opt_state"])
+    assert int(new["step"]) == int(state["step"]) + 1
+    # and a finite step after it trains as if the bad one had not happened
+    good = {**base, "final_norm": base["final_norm"] * 0 + 1}
+    after, _ = step(new, good, masks, batch, jax.random.PRNGKey(0))
+    fresh, _ = step(state, good, masks, batch, jax.random.PRNGKey(0))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), after["lora"], fresh["lora"])
 
 
 @pytest.mark.slow

@@ -45,12 +45,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if args.resume:
         if args.overrides or args.config:
             raise ValueError("--resume takes the run's saved config; give no overrides")
-        saved = Path(args.resume) / "run_config.json"
-        try:
-            model = json.loads(saved.read_text()).get("model") if saved.is_file() else None
-        except (ValueError, AttributeError):
-            model = None  # run_prune says what is wrong with the file
-        if model in VISION_MODELS:
+        from ..run.rundir import saved_run_config
+
+        if saved_run_config(args.resume).get("model") in VISION_MODELS:
             raise ValueError(f"{args.resume} is an image-classifier run, which cannot resume "
                              "(they take minutes): run it again with a new out=")
         cfg = RunConfig(out=args.resume)

@@ -97,8 +97,8 @@ def train_loop(
     ``start`` on), updating the masks on the schedule and saving a checkpoint every
     ``cfg.checkpoint_every`` steps and at the end (``meta`` is stored with each, beside the
     history, the data position and the config). Waits for the last checkpoint to be written.
-    A non-finite loss, and non-finite importance scores (left out of their moving average), are
-    logged with their step."""
+    A non-finite loss (its update skipped by the step) and non-finite importance scores (left out
+    of their moving average) are logged with their step."""
     t = cfg.train
     history = list(history or [])
     bar = tqdm(total=t.steps, initial=start, desc=f"prune {cfg.prune.criterion}",
@@ -117,7 +117,7 @@ def train_loop(
             stats = llama_sparsity_stats(masks, excluded) if element else mask_stats(masks)
         loss = float(metrics["loss"])
         if not math.isfinite(loss):
-            log(f"step {step}: non-finite loss {loss}")
+            log(f"step {step}: non-finite loss {loss}; adapters and optimizer not updated")
         if bool(metrics["score_skipped"]):
             log(f"step {step}: non-finite importance scores; moving average not updated")
         if element:  # kept fractions of the attention and MLP weights

@@ -53,12 +53,19 @@ def clip_by_global_norm(grads: Any, clip_norm: float) -> tuple[Any, Array, Array
 def apply_update(state: State, trainable: str, grads: Any, new_scores: Any,
                  optimizer: optax.GradientTransformation, beta: float) -> tuple[State, Array]:
     """The end of every train step, language or vision: AdamW on ``state[trainable]`` with the
-    (clipped) ``grads``, the new scores folded into the moving average (skipped when not finite),
-    the step counted. Returns the new state and the "skipped" flag."""
+    (clipped) ``grads``, skipped when they are not finite (a non-finite loss would otherwise turn
+    every adapter weight into NaN for good); the new scores folded into the moving average
+    (skipped when not finite); the step counted. Returns the new state and the scores' "skipped"
+    flag."""
     scores, skipped = ema_update(state["scores"], new_scores, beta)
     updates, opt_state = optimizer.update(grads, state["opt_state"], state[trainable])
-    return {**state, trainable: optax.apply_updates(state[trainable], updates),
-            "opt_state": opt_state, "scores": scores, "step": state["step"] + 1}, skipped
+    params = optax.apply_updates(state[trainable], updates)
+    finite = jnp.isfinite(optax.tree.norm(grads))
+    keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+    params = jax.tree.map(keep, params, state[trainable])
+    opt_state = jax.tree.map(keep, opt_state, state["opt_state"])
+    return {**state, trainable: params, "opt_state": opt_state, "scores": scores,
+            "step": state["step"] + 1}, skipped
 
 
 def zero_scores(masks: dict[str, Any]) -> dict[str, Any]:
