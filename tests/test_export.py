@@ -300,7 +300,8 @@ print("model", type(model).__name__, sum(p.numel() for p in model.parameters()))
 """
 
 
-@pytest.mark.parametrize("widths", ["per-layer", "heads-not-dividing-hidden"])
+@pytest.mark.parametrize("widths", ["per-layer", pytest.param("heads-not-dividing-hidden",
+                                                                marks=pytest.mark.slow)])
 def test_pruned_export_loads_like_a_hub_model_with_stdin_closed(tmp_path, widths):
     """AutoTokenizer with no prompt and no trust_remote_code; the model with trust_remote_code
     and no warning; nothing read from standard input."""

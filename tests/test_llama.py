@@ -170,7 +170,8 @@ def test_gqa_with_as_many_kv_heads_equals_mha():
     np.testing.assert_allclose(np.asarray(got[0]), want, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("t, max_blocks", [(64, 16), (65, 16), pytest.param(200, 16, marks=pytest.mark.slow),
+@pytest.mark.parametrize("t, max_blocks", [(64, 16), pytest.param(65, 16, marks=pytest.mark.slow),
+                                           pytest.param(200, 16, marks=pytest.mark.slow),
                                            pytest.param(200, 3, marks=pytest.mark.slow)])
 def test_blocked_causal_attention_equals_one_score_matrix(t, max_blocks, monkeypatch):
     """Query blocks (64 rows, or t / max_blocks when longer) give the values and gradients of

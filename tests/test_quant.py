@@ -131,6 +131,7 @@ def test_every_criterion_steps_on_an_int8_base_as_on_its_dequantized_base(criter
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_int8_base_places_on_a_mesh_and_steps_as_on_one_device():
     config = tiny_config("gqa", vocab_size=96)  # the tensor axis splits the vocabulary
     host = jax.tree.map(np.asarray, init_base(config, 0, std=0.2))
