@@ -224,6 +224,11 @@ def test_os_errors_name_the_file_without_errno_decoration():
     e = OSError(28, "No space left on device", "out/model/x.safetensors")
     assert describe_error(e) == "out/model/x.safetensors: No space left on device"
     assert describe_error(ValueError("two\nlines")) == "two lines"
+    from loraprune_jax.train.diskfull import DiskFullError  # an OSError that words itself
+
+    full = DiskFullError("run/checkpoints", "saving a checkpoint", "then resume")
+    assert describe_error(full) == str(full) == ("run/checkpoints: no space left on device while "
+                                                 "saving a checkpoint; then resume")
 
 
 def test_model_without_tokenizer_is_refused_before_loading(files, capsys, monkeypatch):

@@ -217,6 +217,24 @@ def test_load_model_gguf(tmp_path):
     assert config.dtype == "float16" and base["lm_head"].dtype == np.float16
 
 
+def test_peek_model_reads_the_config_and_tokenizer_without_the_weights(tmp_path, monkeypatch,
+                                                                        smollm2_cache):
+    from loraprune_jax.io import peek_model
+
+    path = tmp_path / "tiny.gguf"
+    write_tiny_gguf(path, tied=False)
+    config, has_tokenizer = peek_model(str(path))
+    assert config == load_model(str(path))[0] and has_tokenizer  # its tokenizer metadata
+    for cache in (smollm2_cache, tmp_path / "empty"):  # the converted copy, then the GGUF itself
+        monkeypatch.setenv("LORAPRUNE_JAX_CACHE", str(cache))
+        config, has_tokenizer = peek_model("smollm2")
+        assert (config.num_heads, config.num_kv_heads, config.max_position_embeddings) == (9, 3, 8192)
+        assert has_tokenizer
+    assert not (tmp_path / "empty").exists()  # peeking converts nothing
+    with pytest.raises(CheckpointError, match="no such model"):
+        peek_model(str(tmp_path / "nope"))
+
+
 def test_cache_rebuilt_only_when_the_gguf_changes(tmp_path, monkeypatch):
     """load_smollm2's cache: converted once, then reused while the GGUF is the same file (even
     with a new mtime, e.g. reinstalled: same hash), converted again when its bytes change."""

@@ -39,7 +39,7 @@ def _env_wants_distributed() -> bool:
 def describe_error(e: BaseException) -> str:
     """One line for a bad input: an ``OSError`` names its file and the reason without errno
     decoration (``out/x: No space left on device``)."""
-    if isinstance(e, OSError) and e.strerror:
+    if isinstance(e, OSError) and e.strerror and type(e).__str__ is OSError.__str__:
         names = [str(f) for f in (e.filename, e.filename2) if f is not None]
         return f"{' -> '.join(names)}: {e.strerror}" if names else e.strerror
     return " ".join(str(e).split()) or type(e).__name__

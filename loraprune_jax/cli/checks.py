@@ -102,13 +102,13 @@ def _check_creatable(directory: Path, what: str) -> None:
         raise ValueError(f"{what}: cannot write in {probe} (permission denied)")
 
 
-def peek(model: str, *, tokenizer: bool = True) -> Any:
-    """The model's config, read without its weights; a missing model, or a missing tokenizer when
-    the command needs one, is one line before anything loads."""
+def peek(model: str) -> Any:
+    """The model's config, read without its weights; a missing model, or one without the
+    tokenizer every command needs to read text, is one line before anything loads."""
     from ..io import peek_model
 
     config, has_tokenizer = peek_model(model)
-    if tokenizer and not has_tokenizer:
+    if not has_tokenizer:
         raise ValueError(f"--model {model}: has no tokenizer files (tokenizer.json, "
                          "tokenizer_config.json, ...); this command needs one to read text")
     return config

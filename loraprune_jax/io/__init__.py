@@ -68,13 +68,18 @@ def load_model(
         return load_hf_dir(path, dtype=dtype, as_numpy=as_numpy, lazy=lazy)
     if path.suffix.lower() == ".gguf":
         return load_gguf(path, dtype=dtype or "float32", as_numpy=as_numpy or lazy)
+    raise _not_a_model(path)
+
+
+def _not_a_model(path: Path) -> CheckpointError:
+    """The error for a model spec that names neither the bundled model, a directory nor a GGUF."""
     if not path.exists():
-        raise CheckpointError(
+        return CheckpointError(
             path,
             "no such model: give 'smollm2' (bundled SmolLM2-135M-Instruct), a HF checkpoint "
             "directory, or a .gguf file",
         )
-    raise CheckpointError(
+    return CheckpointError(
         path, "unsupported model file: give a HF checkpoint directory (config.json + safetensors) or a .gguf file"
     )
 
@@ -97,8 +102,7 @@ def peek_model(spec: str | os.PathLike[str]) -> tuple[LlamaConfig, bool]:
     if path.suffix.lower() == ".gguf":
         reader = open_gguf(path)
         return gguf_config(reader, path), "tokenizer.ggml.model" in reader.fields
-    load_model(spec)  # raises the error load_model gives for it
-    raise AssertionError(f"{spec} loaded but could not be peeked")  # unreachable
+    raise _not_a_model(path)
 
 
 __all__ = ["CheckpointError", "SMOLLM2_SPECS", "load_model", "peek_model", *sorted(_LAZY)]
