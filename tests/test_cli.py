@@ -74,13 +74,14 @@ def test_ctrl_c_is_one_line_exit_130_and_the_run_resumes(tiny_run_inputs, tmp_pa
     from test_loop import tiny_overrides
 
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "loraprune_jax.cli", "prune", "--no-progress",
+    # the CLI as `python -m loraprune_jax.cli` runs it, with Python's own Ctrl-C handler: a
+    # shell's background job (CI) starts with SIGINT ignored, which Python would keep
+    entry = ("import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+             "from loraprune_jax.cli import main; sys.exit(main(sys.argv[1:]))")
+    cmd = [sys.executable, "-c", entry, "prune", "--no-progress",
            *tiny_overrides(tiny_run_inputs, out, **{"train.steps": 20})]
-    # a shell's background job starts with SIGINT ignored, and Python then never turns it into
-    # KeyboardInterrupt: the child gets the default disposition, as an interactive command has
     proc = subprocess.Popen(cmd, env={**os.environ, "JAX_PLATFORMS": "cpu"},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
     try:
         while not (out / "checkpoints" / "5").is_dir():  # in the middle of training

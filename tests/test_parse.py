@@ -60,6 +60,8 @@ CASES = {
     "classifier key": (["model=vit-s", "lora.rank=4"], None, ["unknown config key 'lora.rank'", "lora_rank"]),
     "file key not text": ([], b"1: 2\n", ["{file}: key 1 is not a name", "prune.ratio"]),
     "file null key": ([], b"prune:\n  null: 2\n", ["{file}: key None under prune is not a name"]),
+    # found by the property test: a section named by a control character, quoted on one line
+    "file odd section": ([], b'"\\r":\n  0: null\n', ["{file}: key 0 under '\\r' is not a name"]),
     "file key twice": ([], b"prune:\n  ratio: 0.2\nprune:\n  criterion: wanda\n",
                        ["{file}: line 3, column 1: key 'prune' is given twice; give each key once"]),
     "file alias loop": ([], b"prune: &x {ratio: *x}\n", ["prune.ratio expects float (a number), got {"]),

@@ -103,7 +103,7 @@ def flatten(tree: dict[Any, Any], prefix: str = "", levels: int = 2) -> dict[str
     out: dict[str, Any] = {}
     for key, value in tree.items():
         if not isinstance(key, str):
-            raise ConfigError(f"key {show(key)}{' under ' + prefix[:-1] if prefix else ''} is not "
+            raise ConfigError(f"key {show(key)}{' under ' + label(prefix[:-1]) if prefix else ''} is not "
                               "a name; config keys are names such as prune.ratio")
         if isinstance(value, dict) and levels > 1:
             out.update(flatten(value, f"{prefix}{key}.", levels - 1))
