@@ -61,7 +61,6 @@ def number(kind: Callable[[str], Any], *, low: float | None = None, high: float 
             raise argparse.ArgumentTypeError(f"{text!r}: must be {accepted}")
         return value
 
-    parse.__name__ = name  # argparse names the type in some messages
     return parse
 
 

@@ -57,7 +57,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.top_k is not None and args.top_k > config.vocab_size:
         raise ValueError(f"--top-k {args.top_k}: must be at most the vocabulary size "
                          f"{config.vocab_size}")
-    mesh = mesh_from_args(args, len(args.prompt))
+    mesh = mesh_from_args(args, config, len(args.prompt))
     start = time.perf_counter()
     model = load_for_generation(args.model, args.dtype, mesh, args.base_dtype)
     config = model[0]

@@ -30,11 +30,11 @@ def add_mesh_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base-dtype", choices=BASE_DTYPES, default=None, help=BASE_DTYPE_HELP)
 
 
-def mesh_from_args(args: argparse.Namespace, batch: int | None = None) -> Any:
+def mesh_from_args(args: argparse.Namespace, config: Any, batch: int | None = None) -> Any:
     """The ``Mesh`` that ``args.mesh`` names (``auto``: FSDP over as many devices as ``batch``
     rows split over evenly, all when ``batch`` is None), or None for one device. A bad spec, or
-    a model whose widths the mesh does not divide, raises ``ShardingError`` (one line, exit 2)
-    before any weight is read."""
+    a mesh that does not divide the widths of ``config`` (the model's, read without its weights:
+    ``checks.peek``), raises ``ShardingError`` (one line, exit 2) before any weight is read."""
     import jax
 
     from ..parallel.mesh import auto_mesh_spec, make_mesh
@@ -47,10 +47,9 @@ def mesh_from_args(args: argparse.Namespace, batch: int | None = None) -> Any:
     if spec.strip() == "auto":
         spec = auto_mesh_spec(batch or jax.device_count())
     mesh = make_mesh(spec)
-    from ..io import peek_model
     from ..models.llama_params import check_widths
 
-    check_widths(peek_model(args.model)[0], mesh)
+    check_widths(config, mesh)
     return mesh
 
 

@@ -41,9 +41,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     # everything that can be wrong is found before the model loads: paths, texts, mesh
     if args.json:
         check_output_file(args.json, "--json")
-    peek(args.model)
+    config = peek(args.model)
     texts = _eval_texts(args)
-    mesh = mesh_from_args(args, args.batch_size)
+    mesh = mesh_from_args(args, config, args.batch_size)
     config, base, tokenizer, load_s = _load(args.model, args.dtype, mesh, args.base_dtype)
     print(f"model {args.model}: {config.num_params() / 1e6:.1f}M parameters, {config.dtype}{base_note(args)}, "
           f"loaded in {load_s:.1f}s{mesh_note(mesh)}", file=sys.stderr)

@@ -58,10 +58,10 @@ def cmd_zeroshot(args: argparse.Namespace) -> int:
     # everything that can be wrong is found before the model loads: paths, task data, mesh
     if args.json:
         check_output_file(args.json, "--json")
-    peek(args.model)
+    config = peek(args.model)
     for name in tasks:
         load_task_docs(name, args.data_dir, source=source, limit=1)
-    mesh = mesh_from_args(args, args.batch_size)
+    mesh = mesh_from_args(args, config, args.batch_size)
     start = time.perf_counter()
     config, base, tokenizer = load_for_eval(args.model, args.dtype, base_dtype=args.base_dtype,
                                             mesh=mesh)

@@ -45,15 +45,24 @@ TASK_FILES: dict[str, tuple[str, ...]] = {
     "hellaswag": ("hellaswag/hellaswag_val.jsonl",),
 }
 
-# tfds catalog name and split per task (the split the harness evaluates).
+# The split the harness evaluates per task: what TASK_FILES hold, what tfds reads, what the
+# harness's task YAMLs name (eval.harness_tasks).
+TASK_SPLITS: dict[str, str] = {
+    "arc_easy": "test", "arc_challenge": "test", "openbookqa": "test", "piqa": "validation",
+    "boolq": "validation", "winogrande": "validation", "hellaswag": "validation",
+}
+
+# tfds catalog name and split per task.
 TFDS_SOURCES: dict[str, tuple[str, str]] = {
-    "arc_easy": ("ai2_arc/ARC-Easy", "test"),
-    "arc_challenge": ("ai2_arc/ARC-Challenge", "test"),
-    "openbookqa": ("openbookqa", "test"),
-    "piqa": ("piqa", "validation"),
-    "boolq": ("super_glue/boolq", "validation"),
-    "winogrande": ("winogrande", "validation"),
-    "hellaswag": ("hellaswag", "validation"),
+    task: (name, TASK_SPLITS[task]) for task, name in {
+        "arc_easy": "ai2_arc/ARC-Easy",
+        "arc_challenge": "ai2_arc/ARC-Challenge",
+        "openbookqa": "openbookqa",
+        "piqa": "piqa",
+        "boolq": "super_glue/boolq",
+        "winogrande": "winogrande",
+        "hellaswag": "hellaswag",
+    }.items()
 }
 
 _DESCRIBE = {
@@ -390,6 +399,7 @@ __all__ = [
     "DATA_DIR_ENV",
     "TASK_FILES",
     "TASK_NAMES",
+    "TASK_SPLITS",
     "TFDS_SOURCES",
     "TaskDataError",
     "arc_doc",

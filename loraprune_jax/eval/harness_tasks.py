@@ -17,18 +17,18 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..data.tasks import TASK_NAMES, load_task_docs
+from ..data.tasks import TASK_NAMES, TASK_SPLITS, load_task_docs
 from ..extras import require
 
-# our task name -> the harness's YAML (relative to lm_eval/tasks) and the split it evaluates
-HARNESS_TASKS: dict[str, tuple[str, str]] = {
-    "arc_easy": ("arc/arc_easy.yaml", "test"),
-    "arc_challenge": ("arc/arc_challenge.yaml", "test"),
-    "openbookqa": ("openbookqa/openbookqa.yaml", "test"),
-    "piqa": ("piqa/piqa.yaml", "validation"),
-    "boolq": ("super_glue/boolq/default.yaml", "validation"),
-    "winogrande": ("winogrande/default.yaml", "validation"),
-    "hellaswag": ("hellaswag/hellaswag.yaml", "validation"),
+# our task name -> the harness's YAML, relative to lm_eval/tasks (its split: data.tasks.TASK_SPLITS)
+HARNESS_TASKS: dict[str, str] = {
+    "arc_easy": "arc/arc_easy.yaml",
+    "arc_challenge": "arc/arc_challenge.yaml",
+    "openbookqa": "openbookqa/openbookqa.yaml",
+    "piqa": "piqa/piqa.yaml",
+    "boolq": "super_glue/boolq/default.yaml",
+    "winogrande": "winogrande/default.yaml",
+    "hellaswag": "hellaswag/hellaswag.yaml",
 }
 
 
@@ -37,12 +37,12 @@ def harness_yaml(task: str) -> Path:
     lm_eval = require("lm_eval", "the harness's offline tasks (loraprune_jax.eval.harness_tasks)")
     if task not in HARNESS_TASKS:
         raise ValueError(f"unknown task {task!r}; local files exist for: {', '.join(TASK_NAMES)}")
-    return Path(lm_eval.__file__).parent / "tasks" / HARNESS_TASKS[task][0]
+    return Path(lm_eval.__file__).parent / "tasks" / HARNESS_TASKS[task]
 
 
 def task_yaml(task: str, docs_file: Path) -> str:
     """A task YAML: the harness's definition of ``task`` reading ``docs_file`` (JSON lines)."""
-    split = HARNESS_TASKS[task][1]
+    split = TASK_SPLITS[task]
     splits = {"training_split": None, "validation_split": None, "test_split": None,
               "fewshot_split": None}
     splits[f"{split}_split"] = split
